@@ -1,0 +1,60 @@
+"""ministd: Stable Diffusion from first principles.
+
+A compact, complete, readable package that grows chapter by chapter with the
+book in ``notebooks/``. Every module belongs to the chapter that introduces
+it (``MODULE_CHAPTER`` below); a chapter imports only modules owned by itself
+or an earlier chapter, and ``tests/test_notebooks.py`` enforces that rule.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# module (relative to the package) -> the chapter that introduces it
+MODULE_CHAPTER: dict[str, int] = {
+    "data": 0,            # ShapesWorld renderer, captions, image helpers
+    "viz": 0,             # plotting helpers (grids, strips, curves)
+    "widgets": 0,         # ipywidgets apps; each slider is backed by a plain function
+    "schedules": 1,       # beta schedules, forward process, prediction conversions
+    "train": 2,           # the diffusion training objective (train/__init__.py)
+    "samplers": 3,        # DDPM, DDIM, PLMS, Euler, Euler a, Heun, DPM-Solver++ 2M
+    "weights": 4,         # reading safetensors / configs, strict loading with clear errors
+    "vae": 4,             # AutoencoderKL
+    "train.vae": 4,       # training the ShapesWorld VAE
+    "unet": 5,            # the noise-predicting U-Net (used as a black box in 05, opened in 08)
+    "tokenizer": 6,       # CLIP byte-level BPE
+    "text": 7,            # CLIP text transformer (+ tiny contrastive CLIP)
+    "train.clip": 7,      # training the ShapesWorld CLIP
+    "train.unet": 8,      # training the ShapesWorld text-to-image U-Net
+    "guidance": 9,        # classifier-free and classifier guidance
+    "pipelines": 10,      # txt2img, img2img, inpaint, SDXL base + refiner
+    "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
+    "bench": 15,          # benchmarks against the reference implementation
+}
+
+
+def chapter_of(module: str) -> int:
+    """Chapter that owns ``module`` ("ministd.vae", "vae" or "ministd.train.vae")."""
+    name = module.removeprefix("ministd.").removeprefix("ministd")
+    while name:
+        if name in MODULE_CHAPTER:
+            return MODULE_CHAPTER[name]
+        name = name.rpartition(".")[0]
+    if module in ("ministd", ""):
+        return 0
+    raise KeyError(f"module {module!r} has no owning chapter in ministd.MODULE_CHAPTER")
+
+
+def load_pipeline(name_or_path: str = "shapes", **kwargs):
+    """Load a text-to-image pipeline ("shapes", a diffusers folder or a single file).
+
+    Arrives with ``ministd.pipelines`` (chapter 10).
+    """
+    try:
+        from ministd.pipelines import load_pipeline as _load
+    except ImportError as exc:  # pragma: no cover - until chapter 10 lands
+        raise NotImplementedError(
+            "ministd.load_pipeline is not available yet: the pipelines module "
+            "(chapter 10) has not been written"
+        ) from exc
+    return _load(name_or_path, **kwargs)

@@ -1,0 +1,9 @@
+import os
+import sys
+from pathlib import Path
+
+# Nothing may reach a model hub while testing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/nbtools.py
