@@ -85,6 +85,7 @@ def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor],
                .detach().contiguous().cpu() for k, v in state_dict.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+    Path(path).chmod(0o644)  # safetensors writes owner-only files; shipped data is world-readable
 
 
 def read_json(path: str | Path) -> dict:
