@@ -125,16 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}: {attrs}")
         return 0
     if args.command == "generate":
+        from ministd.pipelines import load_pipeline
         try:
-            import ministd.pipelines  # noqa: F401
-        except ImportError:
-            parser.exit(1, "ministd generate: not available yet: the text-to-image pipeline "
-                           "(ministd.pipelines, chapter 10) has not been written; no image was made\n")
-        from ministd import load_pipeline
-        pipe = load_pipeline(args.model)
-        out = pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                           seed=args.seed)
+            pipe = load_pipeline(args.model)
+            out = pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt,
+                               num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                               seed=args.seed)
+        except (FileNotFoundError, NotImplementedError, ValueError) as exc:
+            parser.exit(1 if isinstance(exc, (FileNotFoundError, NotImplementedError)) else 2,
+                        f"ministd generate: error: {exc}\n")
         out.images[0].save(args.output)
         print(f"wrote {args.output}")
         return 0

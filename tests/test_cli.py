@@ -48,3 +48,20 @@ def test_unknown_colour_is_one_line_error(tmp_path):
 
 def test_bad_output_suffix():
     _one_line_error(_run("shapes", "-o", "grid.txt"), ".png")
+
+
+def test_generate_with_the_shipped_model_or_a_clear_message(tmp_path):
+    from ministd.pipelines import DATA
+
+    out = _run("generate", "a red circle", "--steps", "4", "-o", str(tmp_path / "out.png"))
+    if (DATA / "shapes_unet.safetensors").is_file():
+        assert out.returncode == 0, out.stderr
+        assert Image.open(tmp_path / "out.png").size == (64, 64)
+    else:  # before the text-to-image model is trained: one line that says so, no image
+        assert out.returncode == 1 and "not been trained" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_generate_from_a_missing_path_is_one_line_error(tmp_path):
+    out = _run("generate", "a red circle", "--model", str(tmp_path / "nowhere"))
+    assert out.returncode == 1 and "no model" in out.stderr and "Traceback" not in out.stderr
