@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,6 +63,14 @@ def _check_seed(seed) -> None:
         return
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def _seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with fresh OS entropy when it is None
+    (without touching torch's global random state)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator("cpu").manual_seed(int(seed))
 
 
 class StableDiffusionPipeline:
@@ -239,8 +248,7 @@ class StableDiffusionPipeline:
         f = self.vae.downsampling_factor
         shape = (batch, self.unet.config.in_channels, height // f, width // f)
         if latents is None:
-            generator = generator or torch.Generator("cpu").manual_seed(int(seed) if seed is not None else
-                                                                        torch.seed() % 2**63)
+            generator = generator or _seeded_generator(seed)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         else:
             latents = self._check_latents(latents, shape)
@@ -277,8 +285,7 @@ class StableDiffusionPipeline:
         if pixels.shape[0] not in (1, len(prompts)):
             raise ValueError(f"image holds {pixels.shape[0]} pictures for {len(prompts)} prompts")
         cond, uncond = self._conditions(prompts, negative_prompt, 1, guidance_scale)
-        generator = generator or torch.Generator("cpu").manual_seed(int(seed) if seed is not None else
-                                                                    torch.seed() % 2**63)
+        generator = generator or _seeded_generator(seed)
         with torch.inference_mode():
             posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype))
             init = self.vae.scale_latents(posterior.sample(generator))

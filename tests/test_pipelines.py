@@ -208,3 +208,11 @@ def test_widget_functions_and_sliders(ours):
     pair = img2img_image(ours, "a blue box", image, strength=0.5, num_inference_steps=4)
     assert pair.size == (2 * 64 + 8, 64)
     assert img2img_app(ours, image).children[2].value
+
+
+def test_no_seed_draws_fresh_noise_without_touching_global_rng(ours):
+    state = torch.get_rng_state()
+    a = ours.txt2img("a red circle", num_inference_steps=2, output_type="latent").latents
+    b = ours.txt2img("a red circle", num_inference_steps=2, output_type="latent").latents
+    assert not torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
