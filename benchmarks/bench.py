@@ -1,0 +1,212 @@
+"""ministd against the reference implementation (diffusers / transformers), same machine, same run.
+
+    python benchmarks/bench.py            # the full set (several minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick    # under 2 minutes: smaller inputs, fewer repeats
+
+Both implementations get identical configs, weights (copied from the reference
+model, which uses the same parameter names) and inputs; runs are interleaved
+(ours, theirs, ours, theirs, ...) so that a slow moment of the machine hits
+both. Printed: min and median seconds of each, and the ratio ministd / reference
+of the medians (< 1 means ministd is faster). Nothing here asserts a timing.
+
+Peak memory (``--memory``) runs each measurement in a fresh subprocess and
+reports the peak resident set size it reached (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _timeit(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compare(name: str, ours, theirs, repeats: int, warmup: int = 1) -> dict:
+    """Time two zero-argument callables, interleaved; print and return the summary."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            ours()
+            theirs()
+        t_ours, t_theirs = [], []
+        for _ in range(repeats):
+            t_ours += _timeit(ours, 1)
+            t_theirs += _timeit(theirs, 1)
+    row = {"benchmark": name, "ministd_min": min(t_ours), "ministd_median": statistics.median(t_ours),
+           "reference_min": min(t_theirs), "reference_median": statistics.median(t_theirs)}
+    row["ratio"] = row["ministd_median"] / row["reference_median"]
+    print(f"{name:<44} ministd {row['ministd_median']:8.4f} s (min {row['ministd_min']:.4f})   "
+          f"reference {row['reference_median']:8.4f} s (min {row['reference_min']:.4f})   "
+          f"ratio {row['ratio']:.3f}", flush=True)
+    return row
+
+
+# ------------------------------------------------------------------ the models
+
+def unet_pair(config_name: str = "sd1"):
+    import diffusers
+    from ministd import unet as U
+
+    config = getattr(U, config_name)()
+    ref = diffusers.UNet2DConditionModel(**config.to_diffusers_config()).eval()
+    ours = U.UNet(config).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref, config
+
+
+def vae_pair():
+    import diffusers
+    from ministd.vae import AutoencoderKL, VAEConfig
+
+    ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                  block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32).eval()
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def text_pair():
+    import transformers
+    from ministd.text import CLIPTextConfig, CLIPTextModel
+
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2)).eval()
+    ours = CLIPTextModel(CLIPTextConfig.clip_l()).eval()
+    ours.load_transformers_state_dict(ref.state_dict())
+    return ours, ref
+
+
+# ------------------------------------------------------------------ benchmarks
+
+def bench_unet(quick: bool, rows: list):
+    ours, ref, config = unet_pair("sd1")
+    g = torch.Generator().manual_seed(0)
+    for side in ((32,) if quick else (32, 64)):
+        x = torch.randn(2, 4, side, side, generator=g)
+        ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g)
+        t = torch.tensor([500, 500])
+        rows.append(compare(f"U-Net step SD1.5, latent {side}x{side}, batch 2",
+                            lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx).sample,
+                            repeats=2 if quick else 5))
+
+
+def bench_vae(quick: bool, rows: list):
+    ours, ref = vae_pair()
+    side = 32 if quick else 64
+    z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    rows.append(compare(f"VAE decode SD, {side * 8}x{side * 8}", lambda: ours.decode(z),
+                        lambda: ref.decode(z).sample, repeats=2 if quick else 5))
+
+
+def bench_text(quick: bool, rows: list):
+    ours, ref = text_pair()
+    ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(0))
+    rows.append(compare("text encoder CLIP-L, 77 tokens, batch 2", lambda: ours(ids), lambda: ref(ids),
+                        repeats=3 if quick else 10))
+
+
+def bench_shapes(quick: bool, rows: list):
+    from ministd.pipelines import load_pipeline
+
+    try:
+        pipe = load_pipeline("shapes")
+    except FileNotFoundError as exc:
+        print(f"shapes model end to end: skipped ({exc})")
+        return
+    pipe.progress_bar = False
+    times = _timeit(lambda: pipe.txt2img("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=0), 1)
+    times = _timeit(lambda: pipe.txt2img("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=0),
+                    3 if quick else 10)
+    print(f"{'shapes model, prompt -> image, 20 steps, CFG':<44} ministd {statistics.median(times):8.4f} s "
+          f"(min {min(times):.4f}); target < 0.5 s", flush=True)
+    rows.append({"benchmark": "shapes end to end", "ministd_median": statistics.median(times),
+                 "ministd_min": min(times)})
+
+
+# ------------------------------------------------------------------ memory
+
+_MEMORY_CODE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+sys.argv = ['bench']
+from benchmarks.bench import unet_pair, vae_pair
+which, impl = {which!r}, {impl!r}
+torch.manual_seed(0)
+with torch.inference_mode():
+    if which == 'unet':
+        ours, ref, config = unet_pair('sd1')
+        model = ours if impl == 'ministd' else ref
+        x = torch.randn(2, 4, 64, 64); ctx = torch.randn(2, 77, config.cross_attention_dim); t = torch.tensor([500, 500])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model(x, t, ctx) if impl == 'ministd' else model(x, t, encoder_hidden_states=ctx)
+    else:
+        ours, ref = vae_pair()
+        model = ours if impl == 'ministd' else ref
+        z = torch.randn(1, 4, 64, 64)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model.decode(z)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 1024)
+"""
+
+
+def bench_memory(rows: list):
+    for which in ("unet", "vae"):
+        extra = {}
+        for impl in ("ministd", "reference"):
+            code = _MEMORY_CODE.format(root=str(ROOT), which=which, impl=impl)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            extra[impl] = float(out.stdout.strip().splitlines()[-1])
+        print(f"peak memory above the loaded weights, {which:<5}: ministd {extra['ministd']:8.0f} MB   "
+              f"reference {extra['reference']:8.0f} MB   ratio {extra['ministd'] / max(extra['reference'], 1):.3f}",
+              flush=True)
+        rows.append({"benchmark": f"peak memory {which}", **extra})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (< 2 min)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
+    parser.add_argument("--json", type=Path, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    import diffusers
+    import transformers
+
+    print(f"{time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
+          f"{torch.get_num_threads()} threads | torch {torch.__version__} | diffusers {diffusers.__version__} | "
+          f"transformers {transformers.__version__}", flush=True)
+    rows: list[dict] = []
+    bench_text(args.quick, rows)
+    bench_vae(args.quick, rows)
+    bench_unet(args.quick, rows)
+    bench_shapes(args.quick, rows)
+    if args.memory:
+        bench_memory(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
