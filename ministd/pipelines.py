@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ministd.data import pil_to_tensor
-from ministd.guidance import check_guidance_scale, classifier_free_guidance, rescale_guidance
+from ministd.guidance import check_guidance_scale, guided_noise_prediction
 from ministd.samplers import Sampler, from_scheduler_config, make_sampler
 from ministd.text import CLIPTextModel
 from ministd.tokenizer import CLIPTokenizer
@@ -193,16 +193,10 @@ class StableDiffusionPipeline:
         latents [B, C, h, w] already scaled for the first step; cond/uncond
         [B, 77, D]. ``callback(step, t, latents, x0_pred)`` sees every step.
         """
-        context = cond if uncond is None else torch.cat([uncond, cond])
         steps = sampler.timesteps if timesteps is None else timesteps
         for i, t in enumerate(tqdm(steps, disable=not self.progress_bar, desc="sampling", leave=False)):
-            x = latents if uncond is None else torch.cat([latents, latents])
-            x = sampler.scale_model_input(x, t)
-            noise_pred = self.unet(x, t, context)
-            if uncond is not None:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance_scale)
-                noise_pred = rescale_guidance(noise_pred, noise_cond, guidance_rescale)
+            x = sampler.scale_model_input(latents, t)
+            noise_pred = guided_noise_prediction(self.unet, x, t, cond, uncond, guidance_scale, guidance_rescale)
             out = sampler.step(noise_pred, t, latents, generator=generator)
             latents = out.prev_sample
             if callback is not None:
