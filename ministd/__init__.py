@@ -27,6 +27,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "train.clip": 7,      # training the ShapesWorld CLIP
     "train.unet": 8,      # training the ShapesWorld text-to-image U-Net
     "guidance": 9,        # classifier-free and classifier guidance
+    "train.classifier": 9,  # training the noisy-latent classifier for classifier guidance
     "pipelines": 10,      # txt2img, img2img, inpaint, SDXL base + refiner
     "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
     "bench": 15,          # benchmarks against the reference implementation

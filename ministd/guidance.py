@@ -21,10 +21,22 @@ no guidance (the conditional prediction alone), 0 the unconditional one, and
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ministd.data import COLORS, SHAPES
+from ministd.unet import ResnetBlock, TimestepEmbedding, timestep_embedding
+from ministd.weights import load_strict, read_json, read_safetensors, write_safetensors
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+SHAPES_CLASSIFIER_FILE = DATA / "shapes_noisy_classifier.safetensors"
 
 
 def check_guidance_scale(guidance_scale: float, name: str = "guidance_scale") -> float:
@@ -120,3 +132,88 @@ def classifier_guidance(noise_pred: torch.Tensor, latents: torch.Tensor, t: torc
         grad = torch.autograd.grad(selected, x)[0]
     alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=noise_pred.dtype, device=noise_pred.device)
     return noise_pred - scale * torch.sqrt(1 - alpha_bar_t).reshape(-1, *[1] * (noise_pred.ndim - 1)) * grad
+
+
+# --------------------------------------------------------------------------- #
+# The noisy classifier that classifier guidance needs
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class NoisyClassifierConfig:
+    """A classifier of noisy latents x_t: one head per attribute, each with its label names."""
+    in_channels: int = 4
+    channels: tuple[int, ...] = (64, 128)
+    time_dim: int = 128
+    groups: int = 32
+    labels: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"color": COLORS, "shape": SHAPES})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoisyClassifierConfig":
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        return cls(in_channels=d["in_channels"], channels=tuple(d["channels"]), time_dim=d["time_dim"],
+                   groups=d["groups"], labels={k: tuple(v) for k, v in d["labels"].items()})
+
+
+class NoisyClassifier(nn.Module):
+    """p(attribute | x_t, t) for ShapesWorld latents at any noise level.
+
+    Dhariwal & Nichol 2021 (sec. 4.1) train their guidance classifier on noisy
+    images x_t with the timestep as an input, because guidance asks it about
+    x_t at every step, not about clean pictures. Here: the U-Net's ResNet
+    blocks with timestep injection, average-pool downsampling, global average
+    pooling, and a linear head per attribute.
+    x [B, 4, h, w], t [B] or scalar -> {attribute: logits [B, K]}.
+    """
+
+    def __init__(self, config: NoisyClassifierConfig | None = None):
+        super().__init__()
+        self.config = config = config or NoisyClassifierConfig()
+        c0 = config.channels[0]
+        self.time_embedding = TimestepEmbedding(c0, config.time_dim)
+        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        widths = (c0, *config.channels)
+        self.blocks = nn.ModuleList(ResnetBlock(a, b, config.time_dim, config.groups)
+                                    for a, b in zip(widths[:-1], widths[1:]))
+        self.norm_out = nn.GroupNorm(config.groups, widths[-1])
+        self.heads = nn.ModuleDict({k: nn.Linear(widths[-1], len(v)) for k, v in config.labels.items()})
+
+    def forward(self, x: torch.Tensor, t) -> dict[str, torch.Tensor]:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        temb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
+        h = self.conv_in(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, temb)
+            if i < len(self.blocks) - 1:
+                h = F.avg_pool2d(h, 2)
+        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
+        return {k: head(h) for k, head in self.heads.items()}
+
+    def label_index(self, attribute: str, names) -> torch.Tensor:
+        """Label names -> class indices [B] of ``attribute``'s head (ValueError for unknown names)."""
+        if attribute not in self.config.labels:
+            raise ValueError(f"attribute must be one of {sorted(self.config.labels)}, got {attribute!r}")
+        allowed = self.config.labels[attribute]
+        names = [names] if isinstance(names, str) else list(names)
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise ValueError(f"{attribute} labels must be among {allowed}, got {bad}")
+        return torch.tensor([allowed.index(n) for n in names])
+
+    def head(self, attribute: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``classifier(x_t, t) -> logits`` of one attribute, the form :func:`classifier_guidance` takes."""
+        self.label_index(attribute, [])
+        return lambda x, t: self(x, t)[attribute]
+
+    def save(self, path: str | Path, extra_config: dict | None = None) -> None:
+        """float16 safetensors + .json config."""
+        write_safetensors(path, self.state_dict(), dtype=torch.float16)
+        config = {**asdict(self.config), **(extra_config or {})}
+        Path(path).with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path = SHAPES_CLASSIFIER_FILE, dtype: torch.dtype = torch.float32) -> "NoisyClassifier":
+        """Load weights + config (the shipped ShapesWorld classifier by default); strict."""
+        path = Path(path)
+        model = cls(NoisyClassifierConfig.from_dict(read_json(path.with_suffix(".json"))))
+        load_strict(model, read_safetensors(path), source=path.name)
+        return model.to(dtype).eval()

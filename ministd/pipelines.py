@@ -340,6 +340,6 @@ def load_shapes_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionP
 
     clip = TinyCLIP.from_pretrained(DATA / "shapes_clip.safetensors", dtype=dtype)
     unet = UNet.load(DATA / "shapes_unet.safetensors", config_path, dtype=dtype)
-    scheduler = from_scheduler_config(config["scheduler"]) if "scheduler" in config else make_sampler("ddim")
+    scheduler = from_scheduler_config(config["_scheduler"]) if "_scheduler" in config else make_sampler("ddim")
     return StableDiffusionPipeline(tokenizer=CLIPTokenizer.from_vocab_file(), text_encoder=clip.text_encoder,
                                    unet=unet, vae=load_shapes_vae(dtype), scheduler=scheduler)

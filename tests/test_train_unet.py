@@ -145,10 +145,21 @@ def test_learning_rate_schedule():
 
 def test_export_writes_loadable_float16(files, tmp_path):
     run_here(train_args(files, tmp_path / "run", "--steps", "1"))
-    T.main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "u.safetensors")])
+    T.main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "u.safetensors"),
+            "--clip", str(files / "clip.safetensors")])
     model = UNet.load(tmp_path / "u.safetensors")
-    meta = json.loads((tmp_path / "u.json").read_text())["_ministd"]
-    assert meta["trained_steps"] == 1
+    config = json.loads((tmp_path / "u.json").read_text())
+    assert config["_ministd"]["trained_steps"] == 1
+    from ministd.samplers import from_scheduler_config
+    assert from_scheduler_config(config["_scheduler"]).name == "ddim"
+    # the empty prompt's text states, for chapter 05: equal to encoding "" now
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.weights import read_safetensors
+    empty = read_safetensors(tmp_path / "u_empty_prompt.safetensors")["encoder_hidden_states"]
+    ids = CLIPTokenizer.from_vocab_file()([""], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        expected = T.load_text_encoder(str(files / "clip.safetensors"))(ids).last_hidden_state
+    torch.testing.assert_close(empty, expected, atol=0, rtol=0)
     ema = T.load_checkpoint(tmp_path / "run" / "last.pt")
     for name, value in ema.state_dict().items():      # float16 rounding only
         torch.testing.assert_close(model.state_dict()[name], value, atol=2e-3, rtol=1e-3)

@@ -302,7 +302,7 @@ def test_config_rejects_bad_groups():
 def _train_args(out, **kw):
     base = dict(out=str(out), steps=3, batch_size=2, lr=1e-3, kl_weight=1e-6, channels=[32, 32],
                 layers_per_block=1, seed=0, threads=1, save_every=100, stop_after=None, init_from=None,
-                foreground_weight=0.0)
+                foreground_weight=0.0, decoder_only=False, palette_weight=0.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -322,6 +322,39 @@ def test_training_resumes_exactly(tmp_path):
     torch.manual_seed(0)
     init = AutoencoderKL(tv.shapes_vae_config([32, 32], 1)).state_dict()
     assert any((init[k] - a["model"][k]).abs().max() > 0 for k in init)
+
+
+def test_decoder_only_training_keeps_the_latent_space(tmp_path):
+    """--decoder-only (as SD's ft-MSE VAE): encoder and quant_conv unchanged, decoder changed."""
+    from ministd.train import vae as tv
+    tv.train(_train_args(tmp_path / "base", steps=1))
+    tv.train(_train_args(tmp_path / "dec", steps=2, decoder_only=True, palette_weight=1.0,
+                         init_from=str(tmp_path / "base" / "last.pt")))
+    a = torch.load(tmp_path / "base" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "dec" / "last.pt", weights_only=False)["model"]
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(a)
+    for k in frozen:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert any((a[k] - b[k]).abs().max() > 0 for k in trained)
+
+
+def test_palette_loss_prefers_the_right_colour():
+    """Yellow drawn as orange costs more than yellow drawn slightly off-yellow; rims are ignored."""
+    from ministd.data import PALETTE
+    from ministd.train.vae import palette_loss
+
+    def fill(rgb):
+        return (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
+
+    yellow, orange = fill(PALETTE["yellow"]), fill(PALETTE["orange"])
+    w = torch.ones(1, 1, 4, 4)
+    right = palette_loss(yellow + 0.05, yellow, w)
+    wrong = palette_loss(orange, yellow, w)
+    assert right < 0.01 < 1.0 < wrong
+    rim = torch.zeros(1, 3, 4, 4)            # mid-grey is not within tol of any palette colour
+    assert palette_loss(orange, rim, w) == 0
 
 
 def test_pixel_weights_and_foreground_mask():

@@ -306,14 +306,38 @@ def load_checkpoint(path: str | Path, use_ema: bool = True) -> UNet:
     return model.eval()
 
 
+# The sampler the shipped model suggests: DDIM on the training schedule (SD's
+# scaled_linear betas, epsilon prediction), in diffusers' scheduler_config form.
+SHIPPED_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                     "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+                     "clip_sample": False}
+
+
 def export(args) -> None:
-    """Write the EMA weights as float16 safetensors + JSON config (data/shapes_unet.*)."""
+    """Write the EMA weights as float16 safetensors + JSON config (data/shapes_unet.*).
+
+    Beside them goes ``<name>_empty_prompt.safetensors``: the text encoder's
+    states for the empty prompt [1, 77, D] (float32), so chapter 05 can run the
+    model unconditionally before text encoders have been introduced.
+    """
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.weights import write_safetensors
+
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     model = load_checkpoint(args.checkpoint)
-    model.save(args.out, dtype=torch.float16, extra_config={"_ministd": {
-        "trained_steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
-        "processes": state.get("world_size", 1), "training_args": state["args"]}})
-    print(f"wrote {args.out} (float16 EMA weights) and its .json")
+    model.save(args.out, dtype=torch.float16, extra_config={
+        "_scheduler": SHIPPED_SCHEDULER,
+        "_ministd": {"trained_steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
+                     "processes": state.get("world_size", 1), "training_args": state["args"]}})
+    encoder = load_text_encoder(args.clip)
+    ids = CLIPTokenizer.from_vocab_file()([UNCOND_PROMPT], padding="max_length", max_length=CONTEXT_LENGTH,
+                                          truncation=True).input_ids
+    with torch.no_grad():
+        empty = encoder(ids).last_hidden_state
+    empty_path = Path(args.out).with_name(Path(args.out).stem + "_empty_prompt.safetensors")
+    write_safetensors(empty_path, {"encoder_hidden_states": empty}, dtype=torch.float32)
+    print(f"wrote {args.out} (float16 EMA weights), its .json and {empty_path.name}")
 
 
 # --------------------------------------------------------------------------- #
@@ -586,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     x = sub.add_parser("export", help="write float16 EMA weights + config for data/")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", default="data/shapes_unet.safetensors")
+    x.add_argument("--clip", default="data/shapes_clip.safetensors")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         if args.n < 1 or any(o not in (1, 2) for o in args.objects):

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Build the HTML book into book/_build/html:  python book/build.py
+
+1. writes book/_toc.yml from the chapter notebooks present in notebooks/ (a new
+   ``NN_slug.ipynb`` appears in its part, in order, with no hand editing);
+2. executes every chapter top to bottom in a fresh kernel, offline (committed
+   notebooks carry no pictures: the figures come from this run), at most
+   ``--timeout`` seconds per cell;
+3. turns each ipywidgets app's output into static content (the picture and the
+   control values it was drawn with), since a web page has no kernel to talk to;
+4. stages the book's pages and the executed chapters in book/_build/src and runs
+   ``jupyter-book build`` (1.x) on them, warnings as errors.
+
+The notebooks are never modified, and never copied into the repository.
+``--toc`` only rewrites book/_toc.yml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BOOK = Path(__file__).resolve().parent
+sys.path.insert(0, str(BOOK))
+from chapters import NOTEBOOKS, ROOT, chapter_notebooks, toc_yaml  # noqa: E402
+
+BUILD = BOOK / "_build"
+SRC = BUILD / "src"
+HTML = BUILD / "html"
+# the book's own sources (everything else in book/ is tooling)
+PAGES = ["_config.yml", "_toc.yml", "intro.md", "course.md", "glossary.md", "references.md",
+         "references.bib", "chapters.py", "_ext", "_static"]
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def write_toc() -> bool:
+    """Rewrite book/_toc.yml from the notebooks present; True when it changed."""
+    path = BOOK / "_toc.yml"
+    text = toc_yaml()
+    if path.exists() and path.read_text() == text:
+        return False
+    path.write_text(text)
+    return True
+
+
+# ------------------------------------------------------------------ widgets -> static outputs
+
+def _model(state: dict, ref: str) -> dict | None:
+    return state.get(ref.removeprefix("IPY_MODEL_"))
+
+
+def _image_bytes(model: dict) -> bytes | None:
+    for buf in model.get("buffers", []):
+        if buf.get("path") == ["value"]:
+            return base64.b64decode(buf["data"])
+    value = model["state"].get("value")
+    if isinstance(value, str) and value:
+        try:
+            return base64.b64decode(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _static(state: dict, ref: str, controls: list[str]) -> list[dict]:
+    """Outputs that show what widget ``ref`` displays; control values go to ``controls``."""
+    model = _model(state, ref)
+    if model is None:
+        return []
+    name, s = model["model_name"], model["state"]
+    if name == "ImageModel":
+        data = _image_bytes(model)
+        if not data:
+            return []
+        mime = "image/" + ("jpeg" if s.get("format") in ("jpg", "jpeg") else s.get("format", "png"))
+        return [{"output_type": "display_data", "metadata": {},
+                 "data": {mime: base64.b64encode(data).decode(), "text/plain": "<image>"}}]
+    if name == "OutputModel":
+        return list(s.get("outputs", []))
+    if name in ("HTMLModel", "HTMLMathModel", "LabelModel"):
+        value = s.get("value", "")
+        return [{"output_type": "display_data", "metadata": {},
+                 "data": {"text/html": value, "text/plain": value}}] if value else []
+    if "children" in s:  # VBox, HBox, Box, GridBox, interact's container, ...
+        outs = []
+        for child in s["children"]:
+            outs += _static(state, child, controls)
+        return outs
+    if "value" in s:  # a control: slider, text box, dropdown, checkbox
+        label = s.get("description") or name.removesuffix("Model")
+        value = s["value"]
+        if "_options_labels" in s and isinstance(value, int) and "index" in s:
+            value = s["_options_labels"][s["index"]]
+        controls.append(f"{label} = {value!r}")
+    return []
+
+
+def staticize_widgets(nb) -> int:
+    """Replace every widget view in ``nb`` by the outputs it shows; returns how many."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        new = []
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if view is None:
+                new.append(out)
+                continue
+            count += 1
+            controls: list[str] = []
+            shown = _static(state, view["model_id"], controls)
+            note = ("<p><em>A live app in JupyterLab; here, what it shows for "
+                    + (", ".join(f"<code>{c}</code>" for c in controls) or "its first settings")
+                    + ".</em></p>")
+            new.append({"output_type": "display_data", "metadata": {},
+                        "data": {"text/html": note, "text/plain": "(app)"}})
+            new += shown
+        cell.outputs = [_as_node(o) for o in new]
+    nb.metadata.pop("widgets", None)
+    return count
+
+
+def _as_node(out):
+    import nbformat
+    return nbformat.from_dict(out) if isinstance(out, dict) else out
+
+
+# ------------------------------------------------------------------ execution
+
+def execute(path: Path, dest: Path, timeout: int) -> tuple[float, int]:
+    """Run ``path`` in a fresh kernel (working directory notebooks/) and write it to ``dest``."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    seconds = time.perf_counter() - start
+    widgets = staticize_widgets(nb)
+    nbformat.write(nb, str(dest))
+    return seconds, widgets
+
+
+def kernel_environment() -> None:
+    """Offline, and matplotlib's inline backend (CI exports MPLBACKEND=Agg, which shows nothing)."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[key] = "1"
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiet debugpy warning on stderr
+
+
+def stage() -> None:
+    if SRC.exists():
+        shutil.rmtree(SRC)
+    (SRC / "notebooks").mkdir(parents=True)
+    for name in PAGES:
+        source = BOOK / name
+        if source.is_dir():
+            shutil.copytree(source, SRC / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, SRC / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toc", action="store_true", help="only rewrite book/_toc.yml")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    parser.add_argument("--no-warnings-as-errors", dest="strict", action="store_false")
+    args = parser.parse_args(argv)
+
+    if write_toc():
+        print("book/_toc.yml rewritten from notebooks/")
+    if args.toc:
+        return 0
+    notebooks = chapter_notebooks()
+    if not notebooks:
+        print("no chapter notebooks in notebooks/", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    kernel_environment()
+    stage()
+    for path in notebooks:
+        seconds, widgets = execute(path, SRC / "notebooks" / path.name, args.timeout)
+        extra = f", {widgets} app(s) made static" if widgets else ""
+        print(f"executed {path.name} in {seconds:.1f} s{extra}", flush=True)
+    executed = time.perf_counter() - start
+    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+           "build", str(SRC), "--path-output", str(BOOK), "--all"]
+    if args.strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        print("jupyter-book build failed", file=sys.stderr)
+        return result.returncode
+    total = time.perf_counter() - start
+    print(f"book built in {total:.0f} s ({executed:.0f} s executing {len(notebooks)} chapters): "
+          f"{(HTML / 'index.html').relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
