@@ -7,19 +7,21 @@
    notebooks carry no pictures: the figures come from this run), at most
    ``--timeout`` seconds per cell;
 3. turns each ipywidgets app's output into static content (the picture and the
-   control values it was drawn with), since a web page has no kernel to talk to;
+   control values it was drawn with), since a web page has no kernel to talk to,
+   and folds the cells JupyterLab hides (exercise solutions) behind a toggle;
 4. stages the book's pages and the executed chapters in book/_build/src and runs
    ``jupyter-book build`` (1.x) on them, warnings as errors.
 
 The notebooks are never modified, and never copied into the repository.
-``--toc`` only rewrites book/_toc.yml.
+``--toc`` only rewrites book/_toc.yml; ``--cached`` reuses chapters executed by an
+earlier build when neither they nor ministd/ nor data/ changed since.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import json
+import html
 import os
 import shutil
 import subprocess
@@ -33,6 +35,7 @@ from chapters import NOTEBOOKS, ROOT, chapter_notebooks, toc_yaml  # noqa: E402
 
 BUILD = BOOK / "_build"
 SRC = BUILD / "src"
+EXECUTED = BUILD / "executed"  # executed chapters, reused by --cached while still fresh
 HTML = BUILD / "html"
 # the book's own sources (everything else in book/ is tooling)
 PAGES = ["_config.yml", "_toc.yml", "intro.md", "course.md", "glossary.md", "references.md",
@@ -94,12 +97,11 @@ def _static(state: dict, ref: str, controls: list[str]) -> list[dict]:
         for child in s["children"]:
             outs += _static(state, child, controls)
         return outs
-    if "value" in s:  # a control: slider, text box, dropdown, checkbox
-        label = s.get("description") or name.removesuffix("Model")
-        value = s["value"]
-        if "_options_labels" in s and isinstance(value, int) and "index" in s:
-            value = s["_options_labels"][s["index"]]
-        controls.append(f"{label} = {value!r}")
+    label = s.get("description") or name.removesuffix("Model")
+    if s.get("_options_labels") and isinstance(s.get("index"), int):  # dropdown, radio buttons
+        controls.append(f"{label} = {s['_options_labels'][s['index']]!r}")
+    elif "value" in s:  # slider, text box, checkbox
+        controls.append(f"{label} = {s['value']!r}")
     return []
 
 
@@ -120,7 +122,7 @@ def staticize_widgets(nb) -> int:
             controls: list[str] = []
             shown = _static(state, view["model_id"], controls)
             note = ("<p><em>A live app in JupyterLab; here, what it shows for "
-                    + (", ".join(f"<code>{c}</code>" for c in controls) or "its first settings")
+                    + (", ".join(f"<code>{html.escape(c)}</code>" for c in controls) or "its first settings")
                     + ".</em></p>")
             new.append({"output_type": "display_data", "metadata": {},
                         "data": {"text/html": note, "text/plain": "(app)"}})
@@ -128,6 +130,15 @@ def staticize_widgets(nb) -> int:
         cell.outputs = [_as_node(o) for o in new]
     nb.metadata.pop("widgets", None)
     return count
+
+
+def fold_hidden_sources(nb) -> None:
+    """Cells hidden in JupyterLab (exercise solutions) stay folded in the book, behind a toggle."""
+    for cell in nb.cells:
+        if cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"):
+            tags = cell.metadata.setdefault("tags", [])
+            if "hide-input" not in tags:
+                tags.append("hide-input")
 
 
 def _as_node(out):
@@ -160,6 +171,13 @@ def kernel_environment() -> None:
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiet debugpy warning on stderr
 
 
+def _fresh(executed: Path, source: Path) -> bool:
+    if not executed.exists():
+        return False
+    inputs = [source, *(ROOT / "ministd").rglob("*.py"), *(ROOT / "data").glob("*")]
+    return executed.stat().st_mtime > max(p.stat().st_mtime for p in inputs)
+
+
 def stage() -> None:
     if SRC.exists():
         shutil.rmtree(SRC)
@@ -176,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toc", action="store_true", help="only rewrite book/_toc.yml")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    parser.add_argument("--cached", action="store_true",
+                        help="reuse a chapter executed by an earlier build when neither it nor ministd/ "
+                             "changed since (default: execute every chapter)")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors from Sphinx")
     parser.add_argument("--no-warnings-as-errors", dest="strict", action="store_false")
     args = parser.parse_args(argv)
 
@@ -187,18 +209,31 @@ def main(argv: list[str] | None = None) -> int:
     if not notebooks:
         print("no chapter notebooks in notebooks/", file=sys.stderr)
         return 1
+    import nbformat
+
     start = time.perf_counter()
     kernel_environment()
-    stage()
+    EXECUTED.mkdir(parents=True, exist_ok=True)
     for path in notebooks:
-        seconds, widgets = execute(path, SRC / "notebooks" / path.name, args.timeout)
+        dest = EXECUTED / path.name
+        if args.cached and _fresh(dest, path):
+            print(f"reused {path.name} (executed after its last change and ministd's)", flush=True)
+            continue
+        seconds, widgets = execute(path, dest, args.timeout)
         extra = f", {widgets} app(s) made static" if widgets else ""
         print(f"executed {path.name} in {seconds:.1f} s{extra}", flush=True)
+    stage()
+    for path in notebooks:
+        nb = nbformat.read(str(EXECUTED / path.name), as_version=4)
+        fold_hidden_sources(nb)
+        nbformat.write(nb, str(SRC / "notebooks" / path.name))
     executed = time.perf_counter() - start
     cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
            "build", str(SRC), "--path-output", str(BOOK), "--all"]
     if args.strict:
         cmd += ["-W", "-n", "--keep-going"]
+    if args.quiet:
+        cmd += ["-q"]
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
         print("jupyter-book build failed", file=sys.stderr)

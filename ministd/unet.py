@@ -370,6 +370,22 @@ def shapes_tiny(cross_attention_dim: int = 128) -> UNetConfig:
                       norm_num_groups=8, sample_size=16)
 
 
+SHAPES_UNET_FILE = Path(__file__).resolve().parent.parent / "data" / "shapes_unet.safetensors"
+
+
+def shapes_empty_prompt_states(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The text states [1, 77, 128] of the empty prompt "" for the shipped ShapesWorld model.
+
+    The model was trained with 10% of captions replaced by "", so with these
+    states it draws *unconditionally*. They are stored beside the weights
+    (data/shapes_unet_empty_prompt.safetensors, written by
+    ``ministd.train.unet export``) so that chapter 05 can run the model before
+    the text encoder is introduced in chapter 07.
+    """
+    path = SHAPES_UNET_FILE.with_name(SHAPES_UNET_FILE.stem + "_empty_prompt.safetensors")
+    return read_safetensors(path)["encoder_hidden_states"].to(dtype)
+
+
 PRESETS = {"sd1": sd1, "sd2": sd2, "sd_inpaint": sd_inpaint, "sdxl_base": sdxl_base,
            "sdxl_refiner": sdxl_refiner, "shapes_tiny": shapes_tiny}
 
@@ -946,10 +962,17 @@ class UNet(nn.Module):
                 [(name(k), f, m) for k, f, m in err.mismatched]) from None
 
     @classmethod
-    def load(cls, weights: str | Path, config: str | Path | None = None,
+    def load(cls, weights: str | Path | None = None, config: str | Path | None = None,
              dtype: torch.dtype = torch.float32) -> "UNet":
-        """Load a ``name.safetensors`` + ``name.json`` pair written by :meth:`save` (e.g. data/shapes_unet)."""
-        weights = Path(weights)
+        """Load a ``name.safetensors`` + ``name.json`` pair written by :meth:`save`.
+
+        With no ``weights``: the book's ShapesWorld model, data/shapes_unet.safetensors.
+        """
+        weights = Path(weights) if weights is not None else SHAPES_UNET_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"no U-Net weights at {weights}"
+                                    + ("; the ShapesWorld model is trained by ministd.train.unet (see data/README.md)"
+                                       if weights == SHAPES_UNET_FILE else ""))
         config = Path(config) if config is not None else weights.with_suffix(".json")
         fields = {k: v for k, v in read_json(config).items() if not k.startswith("_")}
         model = cls(UNetConfig.from_dict(fields))

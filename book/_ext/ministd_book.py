@@ -1,4 +1,6 @@
-"""The ``{chapter}`NN``` role: a link to chapter NN when its notebook is in the book,
+"""Sphinx additions for the ministd book.
+
+The ``{chapter}`NN``` role: a link to chapter NN when its notebook is in the book,
 otherwise its planned title as plain text ("chapter 13 · SDXL (planned)"), so pages
 written ahead of a chapter never carry a broken link."""
 
@@ -31,6 +33,18 @@ def chapter_role(name, rawtext, text, lineno, inliner, options=None, content=Non
     return [ref], []
 
 
+def drop_thebe_scripts(app, pagename, templatename, context, doctree):
+    """Remove sphinx-thebe's scripts, which Jupyter Book 1.x always loads: the book has no
+    live-code button, and its config script is added twice (a console error on every page)."""
+    if "script_files" in context:
+        context["script_files"] = [
+            js for js in context["script_files"]
+            if "thebe" not in str(getattr(js, "filename", js) or "").lower()
+            and "THEBE_JS_URL" not in getattr(js, "attributes", {}).get("body", "")
+        ]
+
+
 def setup(app):
     app.add_role("chapter", chapter_role)
+    app.connect("html-page-context", drop_thebe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
