@@ -19,9 +19,7 @@ from __future__ import annotations
 import functools
 import http.server
 import importlib.util
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -40,19 +38,7 @@ from chapters import chapter_notebooks, toc_yaml  # noqa: E402
 CHAPTERS = chapter_notebooks()
 
 
-def missing(reason: str):
-    """Skip, except under CI where a missing browser or extra is a broken set-up."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(reason + " (CI must provide it: see .ci/run)")
-    pytest.skip(reason)
-
-
-def chromium_path() -> str:
-    for candidate in (os.environ.get("MINISTD_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    missing("Chromium not found (Debian/Ubuntu: apt-get install chromium; or set MINISTD_CHROMIUM)")
+from browser import missing  # noqa: E402  (shared with the other browser test; the `browser` fixture is in conftest.py)
 
 
 # ----------------------------------------------------------------------- the table of contents
@@ -131,20 +117,6 @@ def server(book_html):
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture(scope="module")  # module: Playwright's sync API allows one instance at a time
-def browser():
-    executable = chromium_path()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed: pip install -e '.[book]' -c constraints.txt")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield browser
-        browser.close()
 
 
 class Page:

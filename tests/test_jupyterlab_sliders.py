@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,18 +31,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 NOTEBOOK = "notebooks/00_welcome.ipynb"
 
 
-def missing(reason: str):
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(reason + " (CI must provide it: see .ci/run)")
-    pytest.skip(reason)
-
-
-def chromium_path() -> str:
-    for candidate in (os.environ.get("MINISTD_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    missing("Chromium not found (Debian/Ubuntu: apt-get install chromium; or set MINISTD_CHROMIUM)")
+# the `browser` fixture (headless Chromium) is in tests/conftest.py
 
 
 def free_port() -> int:
@@ -97,20 +85,6 @@ def lab(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
-
-
-@pytest.fixture(scope="module")  # module: Playwright's sync API allows one instance at a time
-def browser():
-    executable = chromium_path()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed: pip install -e '.[book]' -c constraints.txt")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield browser
-        browser.close()
 
 
 IMAGE = ".jp-OutputArea-output .widget-image"

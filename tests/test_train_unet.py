@@ -228,3 +228,17 @@ def test_judge_and_adherence_run_end_to_end(files, tmp_path):
     vae = AutoencoderKL(VAEConfig(block_out_channels=(32, 32, 32), layers_per_block=1, sample_size=64)).eval()
     result = T.prompt_adherence(unet, vae, text_encoder, tokenizer, judge, n=3, num_inference_steps=2, batch_size=2)
     assert set(result) == set(state["accuracy"]) and all(0 <= v <= 1 for v in result.values())
+    # the shipped-judge format: float16 safetensors, re-loaded by load_judge
+    T.main(["export-judge", "--judge", str(tmp_path / "judge.pt"), "--out", str(tmp_path / "judge.safetensors"),
+            "--n", "4"])
+    shipped = T.load_judge(tmp_path / "judge.safetensors")
+    for name, value in judge.state_dict().items():
+        torch.testing.assert_close(shipped.state_dict()[name], value, atol=2e-3, rtol=1e-3)
+
+
+def test_attribute_entropy():
+    same = [{"color": "red", "size": "small", "position": "left", "background": "blue"}] * 4
+    assert T.attribute_entropy(same) == 0
+    four_colours = [{**same[0], "color": c} for c in ("red", "blue", "green", "white")]
+    assert T.attribute_entropy(four_colours) == pytest.approx(2 / 4)      # 2 bits on one attribute of four
+    assert T.attribute_entropy(four_colours, attributes=("color",)) == pytest.approx(2.0)

@@ -529,3 +529,20 @@ def test_save_and_load_round_trip(tmp_path, tiny_sd1):
     tiny_sd1.save(tmp_path / "h.safetensors")          # float16 by default, for data/
     half = U.UNet.load(tmp_path / "h.safetensors", dtype=torch.float16)
     assert half.dtype == torch.float16
+
+
+def test_load_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no U-Net weights at .*nope.safetensors"):
+        U.UNet.load(tmp_path / "nope.safetensors")
+
+
+def test_shipped_empty_prompt_states_match_the_text_encoder():
+    """data/shapes_unet_empty_prompt.safetensors is what the shipped tiny CLIP makes of "" (chapter 05)."""
+    from ministd.text import TinyCLIP
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.unet import shapes_empty_prompt_states
+
+    ids = CLIPTokenizer.from_vocab_file()([""], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        expected = TinyCLIP.from_pretrained().text_encoder.eval()(ids).last_hidden_state
+    torch.testing.assert_close(shapes_empty_prompt_states(), expected, atol=1e-5, rtol=1e-5)

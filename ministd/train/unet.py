@@ -5,7 +5,8 @@
         --out /work/runs/unet --steps 3000
     torchrun --nproc_per_node=N -m ministd.train.unet train ...     # several GPUs (or CPU processes)
     python -m ministd.train.unet judge --out /work/runs/unet/judge.pt
-    python -m ministd.train.unet evaluate --checkpoint /work/runs/unet/last.pt --judge /work/runs/unet/judge.pt
+    python -m ministd.train.unet export-judge --judge /work/runs/unet/judge.pt --out data/shapes_judge.safetensors
+    python -m ministd.train.unet evaluate --checkpoint /work/runs/unet/last.pt
     python -m ministd.train.unet export --checkpoint /work/runs/unet/last.pt --out data/shapes_unet.safetensors
 
 This is latent diffusion as in the LDM paper (Rombach et al. 2022, sec. 3.3):
@@ -31,7 +32,9 @@ Reproducible and resumable:
   number of processes trains the same model up to float rounding
   (DistributedDataParallel averages the gradients);
 - a checkpoint (U-Net, EMA copy, optimiser, step, time) is written every
-  ``--save-every`` steps; rerunning the same command continues from it.
+  ``--save-every`` steps; rerunning the same command continues from it;
+- ``--init-from`` starts a further phase from another run's weights (as the
+  shipped model was trained: see data/README.md).
 
 The shipped weights are the exponential moving average of the training
 weights (decay 0.999), as in DDPM and SD.
@@ -239,6 +242,14 @@ def train(args) -> None:
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, elapsed = restore(ckpt_path, args, unet, ema, optimizer, verbose=rank == 0)
+    if step == 0 and args.init_from:
+        # a further phase: another run's weights (and EMA), a fresh optimiser and schedule
+        state = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        elapsed = state["elapsed"]          # training time so far counts toward the total
+        if rank == 0:
+            print(f"starting from the weights of {args.init_from} (step {state['step']})", flush=True)
     model = unet
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -389,6 +400,33 @@ class AttributeClassifier(torch.nn.Module):
         return [{k: names[k][picks[k][i]] for k in names} for i in range(images.shape[0])]
 
 
+SHAPES_JUDGE_FILE = Path(__file__).resolve().parents[2] / "data" / "shapes_judge.safetensors"
+
+
+def load_judge(path: str | Path = SHAPES_JUDGE_FILE) -> AttributeClassifier:
+    """The judge from a training file (``judge --out x.pt``) or shipped float16 weights (.safetensors)."""
+    from ministd.weights import load_strict, read_safetensors
+
+    path = Path(path)
+    judge = AttributeClassifier()
+    if path.suffix == ".safetensors":
+        load_strict(judge, read_safetensors(path), source=path.name)
+    else:
+        judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["judge"])
+    return judge.float().eval()
+
+
+def export_judge(args) -> None:
+    """Ship the judge as float16 safetensors (data/shapes_judge.safetensors), re-measured after rounding."""
+    from ministd.weights import write_safetensors
+
+    judge = load_judge(args.judge)
+    write_safetensors(args.out, judge.state_dict(), dtype=torch.float16)
+    accuracy = judge_accuracy(load_judge(args.out), n=args.n)
+    print(f"wrote {args.out}; accuracy of the float16 file on held-out ground truth: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
+
+
 def ground_truth_batch(world, start: int, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pictures start..start+size-1 of a one-object world, and the index of each true attribute."""
     from ministd.data import pil_to_tensor
@@ -522,6 +560,50 @@ def prompt_adherence(unet: UNet, vae, text_encoder, tokenizer, judge: AttributeC
     return {k: v / n for k, v in hits.items()}
 
 
+def attribute_entropy(judgements: list[dict[str, str]], attributes=("color", "size", "position", "background")) -> float:
+    """Diversity of a set of pictures: the mean, over ``attributes``, of the entropy (bits) of the
+    judged values. 0 when every picture looks alike; log2(8) = 3 bits is the most colours can give."""
+    total = 0.0
+    for k in attributes:
+        counts = torch.tensor([sum(j[k] == v for j in judgements) for v in {j[k] for j in judgements}], dtype=torch.float)
+        p = counts / counts.sum()
+        total += float(-(p * p.log2()).sum())
+    return total / len(attributes)
+
+
+def guidance_sweep(args) -> None:
+    """Prompt adherence and diversity as functions of the guidance scale, written to a JSON file.
+
+    Adherence: as :func:`prompt_adherence` (``--n`` held-out complete captions).
+    Diversity: :func:`attribute_entropy` of ``--seeds`` pictures of the
+    under-specified prompt "a circle" (colour, size, position and background free).
+    """
+    from ministd.text import TinyCLIP
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.vae import AutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    unet = UNet.load(args.weights)
+    vae = AutoencoderKL.load(args.vae).eval()
+    text_encoder = TinyCLIP.from_pretrained(args.clip).text_encoder.eval()
+    tokenizer = CLIPTokenizer.from_vocab_file()
+    judge = load_judge(args.judge)
+    rows = []
+    for scale in args.scales:
+        adherence = prompt_adherence(unet, vae, text_encoder, tokenizer, judge, n=args.n, guidance_scale=scale,
+                                     num_inference_steps=args.steps, sampler=args.sampler, seed=args.seed)
+        with torch.no_grad():
+            latents = generate_latents(unet, text_encoder, tokenizer, ["a circle"] * args.seeds, scale, args.steps,
+                                       args.sampler, torch.Generator().manual_seed(args.seed + 1))
+            judged = judge.predict(vae.decode(vae.unscale_latents(latents)).float().clamp(-1, 1))
+        rows.append({"guidance_scale": scale, **adherence, "diversity_bits": attribute_entropy(judged)})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"prompts": args.n, "diversity_seeds": args.seeds, "steps": args.steps, "sampler": args.sampler,
+              "weights": str(args.weights), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
 def evaluate(args) -> None:
     """Print the judge's accuracy and the U-Net's prompt adherence; exit 1 if a bar is missed."""
     from ministd.text import TinyCLIP
@@ -532,8 +614,7 @@ def evaluate(args) -> None:
     unet = load_checkpoint(args.checkpoint) if args.checkpoint else UNet.load(args.weights)
     vae = AutoencoderKL.load(args.vae).eval()
     text_encoder = TinyCLIP.from_pretrained(args.clip).text_encoder.eval()
-    judge = AttributeClassifier()
-    judge.load_state_dict(torch.load(args.judge, map_location="cpu", weights_only=False)["judge"])
+    judge = load_judge(args.judge)
     judge_acc = judge_accuracy(judge, n=args.judge_n)
     print("judge accuracy on held-out ground truth: " + ", ".join(f"{k} {v:.4f}" for k, v in judge_acc.items()))
     ceiling = judge_accuracy(judge, n=args.judge_n, vae=vae)
@@ -583,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--init-from", default=None,
+                   help="start a new phase from another run's checkpoint (weights + EMA; fresh optimiser, "
+                        "learning-rate schedule and, with a new --seed, new batches)")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop this run at this step (checkpointed); rerunning continues")
     j = sub.add_parser("judge", help="train the attribute classifier that judges prompt adherence")
@@ -599,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--weights", help="shipped weights (.safetensors with its .json)")
     e.add_argument("--vae", default="data/shapes_vae.safetensors")
     e.add_argument("--clip", default="data/shapes_clip.safetensors")
-    e.add_argument("--judge", default="/work/runs/unet/judge.pt")
+    e.add_argument("--judge", default=str(SHAPES_JUDGE_FILE), help="the judge: shipped .safetensors or a judge .pt")
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--judge-n", type=int, default=1000)
     e.add_argument("--guidance-scale", type=float, default=7.5)
@@ -611,6 +695,23 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", default="data/shapes_unet.safetensors")
     x.add_argument("--clip", default="data/shapes_clip.safetensors")
+    w = sub.add_parser("sweep", help="adherence and diversity over guidance scales, to JSON (chapter 09)")
+    w.add_argument("--weights", default="data/shapes_unet.safetensors")
+    w.add_argument("--vae", default="data/shapes_vae.safetensors")
+    w.add_argument("--clip", default="data/shapes_clip.safetensors")
+    w.add_argument("--judge", default=str(SHAPES_JUDGE_FILE))
+    w.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",")], default=[0, 1, 2, 3, 5, 7.5, 10, 15])
+    w.add_argument("--n", type=int, default=200)
+    w.add_argument("--seeds", type=int, default=64)
+    w.add_argument("--steps", type=int, default=20)
+    w.add_argument("--sampler", default="ddim")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--threads", type=int, default=2)
+    w.add_argument("--out", default="data/shapes_guidance_sweep.json")
+    xj = sub.add_parser("export-judge", help="write the judge as float16 safetensors for data/")
+    xj.add_argument("--judge", default="/work/runs/unet/judge.pt")
+    xj.add_argument("--out", default="data/shapes_judge.safetensors")
+    xj.add_argument("--n", type=int, default=1000, help="held-out ground-truth pictures to re-measure it on")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         if args.n < 1 or any(o not in (1, 2) for o in args.objects):
@@ -624,6 +725,10 @@ def main(argv: list[str] | None = None) -> None:
         train_judge(args)
     elif args.command == "evaluate":
         evaluate(args)
+    elif args.command == "sweep":
+        guidance_sweep(args)
+    elif args.command == "export-judge":
+        export_judge(args)
     else:
         export(args)
 
