@@ -628,7 +628,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.linear_projection:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # back to [B, C, H, W] in the standard memory layout: left as a permuted view, the
+        # following convolutions and additions take slower strided paths (measured ~15%
+        # of a tiny U-Net step on CPU)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
         if not self.linear_projection:
             x = self.proj_out(x)
         return x + residual
