@@ -410,8 +410,6 @@ def test_shipped_shapes_vae_quality_on_64_held_out_pictures():
     assert report["objects_color_ok"] == report["objects"] and report["backgrounds_color_ok"] == 64, report
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: on 256 held-out pictures one small yellow star "
-                   "(picture 175) comes back orange; PSNR 32.2 dB passes (issue 4 bar)")
 def test_shipped_shapes_vae_meets_the_full_bar():
     """The issue's bar on all 256 held-out pictures (what `python -m ministd.train.vae evaluate` prints)."""
     from ministd.train.vae import evaluate
