@@ -1,21 +1,27 @@
 """ministd against the reference implementation (diffusers / transformers), same machine, same run.
 
-    python benchmarks/bench.py            # the full set (several minutes on 2 CPU cores)
+    python benchmarks/bench.py            # the full set (about 15 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # under 2 minutes: smaller inputs, fewer repeats
+    python benchmarks/bench.py --memory   # also peak memory (fresh subprocesses)
+    python benchmarks/bench.py --only unet,pipeline
 
 Both implementations get identical configs, weights (copied from the reference
-model, which uses the same parameter names) and inputs; runs are interleaved
-(ours, theirs, ours, theirs, ...) so that a slow moment of the machine hits
-both. Printed: min and median seconds of each, and the ratio ministd / reference
-of the medians (< 1 means ministd is faster). Nothing here asserts a timing.
+model, which uses the same parameter names) and inputs. Runs alternate in the
+order ours-theirs, theirs-ours, ... so that neither side always runs right
+after the other (caches, allocator state) and a slow moment of the machine
+hits both. Printed: min and median seconds of each, and the ratio ministd /
+reference of the medians (< 1 means ministd is faster). Nothing here asserts
+a timing; results and their explanation are in benchmarks/RESULTS.md.
 
 Peak memory (``--memory``) runs each measurement in a fresh subprocess and
-reports the peak resident set size it reached (``ru_maxrss``).
+reports the peak resident set size it reached above the loaded weights
+(``ru_maxrss``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -47,13 +53,17 @@ def compare(name: str, ours, theirs, repeats: int, warmup: int = 1) -> dict:
             ours()
             theirs()
         t_ours, t_theirs = [], []
-        for _ in range(repeats):
-            t_ours += _timeit(ours, 1)
-            t_theirs += _timeit(theirs, 1)
+        for i in range(repeats):
+            if i % 2 == 0:
+                t_ours += _timeit(ours, 1)
+                t_theirs += _timeit(theirs, 1)
+            else:
+                t_theirs += _timeit(theirs, 1)
+                t_ours += _timeit(ours, 1)
     row = {"benchmark": name, "ministd_min": min(t_ours), "ministd_median": statistics.median(t_ours),
            "reference_min": min(t_theirs), "reference_median": statistics.median(t_theirs)}
     row["ratio"] = row["ministd_median"] / row["reference_median"]
-    print(f"{name:<44} ministd {row['ministd_median']:8.4f} s (min {row['ministd_min']:.4f})   "
+    print(f"{name:<52} ministd {row['ministd_median']:8.4f} s (min {row['ministd_min']:.4f})   "
           f"reference {row['reference_median']:8.4f} s (min {row['reference_min']:.4f})   "
           f"ratio {row['ratio']:.3f}", flush=True)
     return row
@@ -61,6 +71,7 @@ def compare(name: str, ours, theirs, repeats: int, warmup: int = 1) -> dict:
 
 # ------------------------------------------------------------------ the models
 
+@functools.cache  # built once per process: the pipeline benchmark reuses them
 def unet_pair(config_name: str = "sd1"):
     import diffusers
     from ministd import unet as U
@@ -72,6 +83,7 @@ def unet_pair(config_name: str = "sd1"):
     return ours, ref, config
 
 
+@functools.cache  # built once per process: the pipeline benchmark reuses them
 def vae_pair():
     import diffusers
     from ministd.vae import AutoencoderKL, VAEConfig
@@ -85,6 +97,7 @@ def vae_pair():
     return ours, ref
 
 
+@functools.cache  # built once per process: the pipeline benchmark reuses them
 def text_pair():
     import transformers
     from ministd.text import CLIPTextConfig, CLIPTextModel
@@ -97,6 +110,40 @@ def text_pair():
     return ours, ref
 
 
+def pipeline_pair(folder: Path):
+    """The SD 1.5-sized random model as two complete text-to-image pipelines (DDIM sampler).
+
+    The tokenizer files (vocab.json, merges.txt) are written into ``folder`` from
+    the CLIP vocabulary ministd ships, for transformers' tokenizer to read.
+    """
+    import diffusers
+    import transformers
+    from ministd.pipelines import StableDiffusionPipeline
+    from ministd.samplers import from_scheduler_config
+    from ministd.tokenizer import CLIPTokenizer, read_merges_gz, vocab_from_merges
+
+    merges = read_merges_gz()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab_from_merges(merges)), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    unet, ref_unet, _ = unet_pair("sd1")
+    vae, ref_vae = vae_pair()
+    text, ref_text = text_pair()
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    ref = diffusers.StableDiffusionPipeline(
+        vae=ref_vae, text_encoder=ref_text, unet=ref_unet, scheduler=scheduler,
+        tokenizer=transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                             pad_token="<|endoftext|>", model_max_length=77),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline(CLIPTokenizer.from_pretrained(folder), text, unet, vae,
+                                   from_scheduler_config({"_class_name": "DDIMScheduler", **scheduler.config}))
+    ours.progress_bar = False
+    return ours, ref
+
+
 # ------------------------------------------------------------------ benchmarks
 
 def bench_unet(quick: bool, rows: list):
@@ -106,24 +153,44 @@ def bench_unet(quick: bool, rows: list):
         x = torch.randn(2, 4, side, side, generator=g)
         ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g)
         t = torch.tensor([500, 500])
-        rows.append(compare(f"U-Net step SD1.5, latent {side}x{side}, batch 2",
-                            lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx).sample,
-                            repeats=2 if quick else 5))
+        rows.append(compare(f"U-Net step SD1.5, latent {side}x{side}, batch 2", lambda: ours(x, t, ctx),
+                            lambda: ref(x, t, encoder_hidden_states=ctx).sample,
+                            repeats=4 if quick else (8 if side == 32 else 4)))
 
 
 def bench_vae(quick: bool, rows: list):
     ours, ref = vae_pair()
-    side = 32 if quick else 64
-    z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
-    rows.append(compare(f"VAE decode SD, {side * 8}x{side * 8}", lambda: ours.decode(z),
-                        lambda: ref.decode(z).sample, repeats=2 if quick else 5))
+    g = torch.Generator().manual_seed(0)
+    for side in ((32,) if quick else (32, 64)):
+        z = torch.randn(1, 4, side, side, generator=g)
+        rows.append(compare(f"VAE decode SD, {side * 8}x{side * 8}", lambda: ours.decode(z),
+                            lambda: ref.decode(z).sample, repeats=2 if quick else (6 if side == 32 else 3)))
 
 
 def bench_text(quick: bool, rows: list):
     ours, ref = text_pair()
     ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(0))
     rows.append(compare("text encoder CLIP-L, 77 tokens, batch 2", lambda: ours(ids), lambda: ref(ids),
-                        repeats=3 if quick else 10))
+                        repeats=6 if quick else 30))
+
+
+def bench_pipeline(quick: bool, rows: list):
+    """Prompt -> picture with CFG 7.5 and DDIM, both pipelines from the same start latents."""
+    import tempfile
+
+    side, steps = (128, 4) if quick else (256, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, ref = pipeline_pair(Path(tmp))
+    latents = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+    prompt = "a photograph of an astronaut riding a horse"
+    kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, output_type="np")
+    run_ours = lambda: ours.txt2img(prompt, latents=latents, **kwargs).images[0]
+    run_ref = lambda: ref(prompt, latents=latents, **kwargs).images[0]
+    with torch.inference_mode():
+        gap = float(abs(run_ours() - run_ref()).max())
+    print(f"  (same picture: max |ministd - reference| = {gap:.1e} on pixel values in [0, 1])")
+    rows.append(compare(f"txt2img SD1.5-sized, {side}x{side}, {steps} DDIM steps, CFG", run_ours, run_ref,
+                        repeats=2, warmup=0))
 
 
 def bench_shapes(quick: bool, rows: list):
@@ -138,7 +205,7 @@ def bench_shapes(quick: bool, rows: list):
     times = _timeit(lambda: pipe.txt2img("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=0), 1)
     times = _timeit(lambda: pipe.txt2img("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=0),
                     3 if quick else 10)
-    print(f"{'shapes model, prompt -> image, 20 steps, CFG':<44} ministd {statistics.median(times):8.4f} s "
+    print(f"{'shapes model, prompt -> image, 20 steps, CFG':<52} ministd {statistics.median(times):8.4f} s "
           f"(min {min(times):.4f}); target < 0.5 s", flush=True)
     rows.append({"benchmark": "shapes end to end", "ministd_median": statistics.median(times),
                  "ministd_min": min(times)})
@@ -184,11 +251,25 @@ def bench_memory(rows: list):
         rows.append({"benchmark": f"peak memory {which}", **extra})
 
 
+BENCHMARKS = {"text": bench_text, "vae": bench_vae, "unet": bench_unet, "pipeline": bench_pipeline,
+              "shapes": bench_shapes}
+
+
+def _benchmark_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark(s) {unknown or value!r}; choose from {list(BENCHMARKS)}")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (< 2 min)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
+    parser.add_argument("--only", type=_benchmark_names, default=list(BENCHMARKS),
+                        help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     args = parser.parse_args(argv)
     import diffusers
     import transformers
@@ -197,10 +278,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           f"transformers {transformers.__version__}", flush=True)
     rows: list[dict] = []
-    bench_text(args.quick, rows)
-    bench_vae(args.quick, rows)
-    bench_unet(args.quick, rows)
-    bench_shapes(args.quick, rows)
+    for name in args.only:
+        BENCHMARKS[name](args.quick, rows)
     if args.memory:
         bench_memory(rows)
     if args.json:

@@ -156,7 +156,12 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D]; mask [B or 1, 1, L, L] additive (0 or -inf) -> [B, L, D]."""
+        """x [B, L, D]; mask [B or 1, 1, L, L] additive (0 or -inf) -> [B, L, D].
+
+        softmax(q kᵀ / sqrt(D/h) + mask) v per head, computed by PyTorch's fused
+        ``scaled_dot_product_attention``: the same formula in one kernel, without
+        keeping the [B, h, L, L] scores around (Vaswani et al. 2017, eq. 1).
+        """
         B, L, D = x.shape
         h = self.num_heads
 
@@ -164,8 +169,7 @@ class CLIPAttention(nn.Module):
             return t.view(B, L, h, D // h).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D // h) + mask
-        out = scores.softmax(dim=-1) @ v                      # [B, h, L, D/h]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)     # [B, h, L, D/h]
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
