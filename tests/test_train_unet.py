@@ -242,3 +242,10 @@ def test_attribute_entropy():
     four_colours = [{**same[0], "color": c} for c in ("red", "blue", "green", "white")]
     assert T.attribute_entropy(four_colours) == pytest.approx(2 / 4)      # 2 bits on one attribute of four
     assert T.attribute_entropy(four_colours, attributes=("color",)) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("scales", ["-1", "0,nan", "1,x", "inf"])
+def test_sweep_rejects_bad_guidance_scales(scales, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["sweep", "--scales", scales])
+    assert "--scales must be" in capsys.readouterr().err

@@ -636,6 +636,18 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _guidance_scales(text: str) -> list[float]:
+    """``--scales`` of ``sweep``: "0,1,7.5" -> [0.0, 1.0, 7.5]; each must be finite and >= 0."""
+    try:
+        scales = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales must be comma-separated numbers, got {text!r}") from None
+    bad = [s for s in scales if not math.isfinite(s) or s < 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--scales must be finite numbers >= 0, got {bad}")
+    return scales
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ministd.train.unet", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -700,7 +712,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--vae", default="data/shapes_vae.safetensors")
     w.add_argument("--clip", default="data/shapes_clip.safetensors")
     w.add_argument("--judge", default=str(SHAPES_JUDGE_FILE))
-    w.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",")], default=[0, 1, 2, 3, 5, 7.5, 10, 15])
+    w.add_argument("--scales", type=_guidance_scales, default=[0, 1, 2, 3, 5, 7.5, 10, 15],
+                   help="comma-separated guidance scales, each a finite number >= 0")
     w.add_argument("--n", type=int, default=200)
     w.add_argument("--seeds", type=int, default=64)
     w.add_argument("--steps", type=int, default=20)
