@@ -442,19 +442,21 @@ class Conv2d(nn.Conv2d):
     step at latent 32x32). PyTorch's other CPU kernel, ``aten::thnn_conv2d``,
     unfolds every k x k patch into a column (im2col) and does one GEMM
     [C_out, C_in*k*k] @ [C_in*k*k, H*W] per picture with the weight as it is
-    stored: 2-5x faster for the small maps, slower for the big ones. So: im2col
-    when height * width <= ``small_map_positions`` (float32, CPU), oneDNN
-    otherwise. The choice depends on the map, not the batch size, so a picture
-    comes out the same (to float32 rounding) alone or in a batch. Results agree
-    with ``nn.Conv2d`` to float32 rounding (the sums run in another order).
-    See benchmarks/RESULTS.md (issue 8).
+    stored: 2-5x faster for the small maps, slower for the big ones. The
+    re-layout is paid once per call and the arithmetic once per position, so the
+    choice counts positions over the whole batch: im2col when
+    batch * height * width <= ``small_map_positions`` (float32, CPU), oneDNN
+    otherwise (a large batch, as in training, keeps oneDNN). Results agree with
+    ``nn.Conv2d`` to float32 rounding (the sums run in another order; so a
+    picture made alone and the same picture made in a batch can differ by
+    ~1e-5). See benchmarks/RESULTS.md (issue 8).
     """
 
-    small_map_positions = 256   # best of 64-512 per picture for SD 1.5 at latent 32 and 64, batch 1 and 2
+    small_map_positions = 512   # best of 128-1024 for SD 1.5 at latent 32 and 64, batch 1 and 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and x.shape[2] * x.shape[3] <= self.small_map_positions
+                and x.shape[0] * x.shape[2] * x.shape[3] <= self.small_map_positions
                 and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple)):
             return torch.ops.aten.thnn_conv2d(x, self.weight, self.kernel_size, self.bias,
