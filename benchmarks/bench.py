@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick    # under 2 minutes: smaller inputs, fewer repeats
     python benchmarks/bench.py --memory   # also peak memory (fresh subprocesses)
     python benchmarks/bench.py --only unet,pipeline
+    python benchmarks/bench.py --only unet-bf16       # bfloat16 (not in the default set)
     python benchmarks/bench.py --only shapes --compile   # the book's model, eager and torch.compile'd
 
 Both implementations get identical configs, weights (copied from the reference
@@ -24,6 +25,7 @@ of three more (the sampling loop's steady state).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import platform
@@ -176,6 +178,20 @@ def bench_text(quick: bool, rows: list):
                         repeats=6 if quick else 30))
 
 
+def bench_unet_bf16(quick: bool, rows: list):
+    """The U-Net step in bfloat16 (both implementations cast alike). Not in the default set."""
+    ours, ref, config = unet_pair("sd1")
+    ours, ref = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for side in ((32,) if quick else (32, 64)):
+        x = torch.randn(2, 4, side, side, generator=g).bfloat16()
+        ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g).bfloat16()
+        t = torch.tensor([500, 500])
+        rows.append(compare(f"U-Net step SD1.5 bfloat16, latent {side}x{side}, batch 2", lambda: ours(x, t, ctx),
+                            lambda: ref(x, t, encoder_hidden_states=ctx).sample, repeats=4))
+    del ours, ref
+
+
 def bench_pipeline(quick: bool, rows: list):
     """Prompt -> picture with CFG 7.5 and DDIM, both pipelines from the same start latents."""
     import tempfile
@@ -276,7 +292,8 @@ def bench_memory(rows: list):
 
 
 BENCHMARKS = {"text": bench_text, "vae": bench_vae, "unet": bench_unet, "pipeline": bench_pipeline,
-              "shapes": bench_shapes}
+              "shapes": bench_shapes, "unet-bf16": bench_unet_bf16}
+DEFAULT = ["text", "vae", "unet", "pipeline", "shapes"]     # unet-bf16 only when asked for
 
 
 def _benchmark_names(value: str) -> list[str]:
@@ -294,7 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also time the shapes model with its U-Net under torch.compile (about a minute to compile)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
-    parser.add_argument("--only", type=_benchmark_names, default=list(BENCHMARKS),
+    parser.add_argument("--only", type=_benchmark_names, default=DEFAULT,
                         help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     args = parser.parse_args(argv)
     import diffusers

@@ -445,7 +445,7 @@ class Conv2d(nn.Conv2d):
     stored: 2-5x faster for the small maps, slower for the big ones. The
     re-layout is paid once per call and the arithmetic once per position, so the
     choice counts positions over the whole batch: im2col when
-    batch * height * width <= ``small_map_positions`` (float32, CPU), oneDNN
+    batch * height * width <= ``small_map_positions`` (CPU, float32 or bfloat16), oneDNN
     otherwise (a large batch, as in training, keeps oneDNN). Results agree with
     ``nn.Conv2d`` to float32 rounding (the sums run in another order; so a
     picture made alone and the same picture made in a batch can differ by
@@ -455,7 +455,7 @@ class Conv2d(nn.Conv2d):
     small_map_positions = 512   # best of 128-1024 for SD 1.5 at latent 32 and 64, batch 1 and 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
                 and x.shape[0] * x.shape[2] * x.shape[3] <= self.small_map_positions
                 and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
                 and isinstance(self.padding, tuple)):
