@@ -189,7 +189,6 @@ def bench_unet_bf16(quick: bool, rows: list):
         t = torch.tensor([500, 500])
         rows.append(compare(f"U-Net step SD1.5 bfloat16, latent {side}x{side}, batch 2", lambda: ours(x, t, ctx),
                             lambda: ref(x, t, encoder_hidden_states=ctx).sample, repeats=4))
-    del ours, ref
 
 
 def bench_pipeline(quick: bool, rows: list):

@@ -77,14 +77,23 @@ def onednn_summary(which: str, side: int, impl: str) -> dict[str, tuple[float, i
             "    fn()\n")
     env = dict(os.environ, ONEDNN_VERBOSE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    return summarise_onednn(out.split("=== measured call", 1)[-1].splitlines())
+
+
+def summarise_onednn(lines) -> dict[str, tuple[float, int]]:
+    """Add up oneDNN verbose ``exec`` lines: {primitive: (milliseconds, calls)}.
+
+    A line reads ``onednn_verbose,v1,primitive,exec,cpu,KIND,IMPL,PROP,MEMORY,ATTRS,AUX,SHAPE,MS``.
+    Reorders are split by what they move: a blocked weight layout blocks two
+    dimensions (e.g. ``ABcd16b16a``), an activation layout one (``aBcd16b``).
+    """
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for line in out.split("=== measured call", 1)[-1].splitlines():
+    for line in lines:
         fields = line.split(",")
-        if len(fields) < 8 or not line.startswith("onednn_verbose") or fields[3] != "exec":
+        if len(fields) < 9 or not line.startswith("onednn_verbose") or fields[3] != "exec":
             continue
         kind = fields[5]
         if kind == "reorder":
-            # blocked weight layouts block two dimensions (e.g. ABcd16b16a), activations one (aBcd16b)
             layouts = re.findall(r"blocked:([A-Za-z0-9]+)", fields[8])
             is_weight = any(sum(ch.isupper() for ch in layout) >= 2 for layout in layouts)
             kind = "reorder of a weight" if is_weight else "reorder of activations"
