@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ministd import speed
 from ministd.data import pil_to_tensor
 from ministd.guidance import check_guidance_scale, guided_noise_prediction
 from ministd.samplers import Sampler, from_scheduler_config, make_sampler
@@ -306,10 +307,12 @@ class StableDiffusionPipeline:
 # ---------------------------------------------------------------------- loading
 
 def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None) -> StableDiffusionPipeline:
+                  device: str | torch.device | None = None, optimize: bool | None = None) -> StableDiffusionPipeline:
     """The shipped ShapesWorld model ("shapes"), a diffusers folder, or a single file.
 
-    Nothing is downloaded: paths are local.
+    Nothing is downloaded: paths are local. ``optimize`` (default: on unless the
+    environment says ``MINISTD_SPEED=0``) applies :func:`ministd.speed.optimize` to
+    the U-Net and the VAE: same weights and outputs, faster on CPUs (chapter 10).
     """
     if str(name_or_path) == "shapes":
         pipe = load_shapes_pipeline(dtype)
@@ -324,6 +327,9 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
         else:
             raise FileNotFoundError(f"no model at {path}: give 'shapes', a diffusers folder "
                                     "(with model_index.json) or a .safetensors file")
+    if speed.enabled_by_default() if optimize is None else optimize:
+        speed.optimize(pipe.unet)
+        speed.optimize(pipe.vae)
     return pipe.to(device) if device is not None else pipe
 
 

@@ -432,38 +432,6 @@ class TimestepEmbedding(nn.Module):
 # --------------------------------------------------------------------------
 
 
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same weights, same names) that computes small maps as one matrix product on CPU.
-
-    PyTorch's default CPU convolution (oneDNN) first re-lays the weight out into
-    its blocked format, on every call; for the wide layers at the bottom of the
-    U-Net (a 1280 x 1280 x 3 x 3 weight is 59 MB) that re-layout takes longer than
-    the convolution itself (measured with ONEDNN_VERBOSE=1: 0.66 s of a 2.4 s SD 1.5
-    step at latent 32x32). PyTorch's other CPU kernel, ``aten::thnn_conv2d``,
-    unfolds every k x k patch into a column (im2col) and does one GEMM
-    [C_out, C_in*k*k] @ [C_in*k*k, H*W] per picture with the weight as it is
-    stored: 2-5x faster for the small maps, slower for the big ones. The
-    re-layout is paid once per call and the arithmetic once per position, so the
-    choice counts positions over the whole batch: im2col when
-    batch * height * width <= ``small_map_positions`` (CPU, float32 or bfloat16), oneDNN
-    otherwise (a large batch, as in training, keeps oneDNN). Results agree with
-    ``nn.Conv2d`` to float32 rounding (the sums run in another order; so a
-    picture made alone and the same picture made in a batch can differ by
-    ~1e-5). See benchmarks/RESULTS.md (issue 8).
-    """
-
-    small_map_positions = 512   # best of 128-1024 for SD 1.5 at latent 32 and 64, batch 1 and 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
-                and x.shape[0] * x.shape[2] * x.shape[3] <= self.small_map_positions
-                and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
-                and isinstance(self.padding, tuple)):
-            return torch.ops.aten.thnn_conv2d(x, self.weight, self.kernel_size, self.bias,
-                                              self.stride, self.padding)
-        return super().forward(x)
-
-
 class ResnetBlock(nn.Module):
     """Residual block with timestep injection (Ho et al., 2020; He et al., 2016).
 
@@ -477,23 +445,19 @@ class ResnetBlock(nn.Module):
                  groups: int = 32, eps: float = 1e-5):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
                               if in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # In inference (no gradient recorded) SiLU overwrites the freshly normalised
-        # map, and the additions land in the convolutions' fresh outputs: fewer
-        # feature-map-sized buffers, same values (benchmarks/RESULTS.md, issue 8).
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(shortcut)
+        return h + shortcut
 
 
 class Downsample(nn.Module):
@@ -501,7 +465,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -512,7 +476,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # older PyTorch releases have no bfloat16 kernel for nearest-neighbour upsampling
@@ -588,9 +552,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return a * F.gelu(gate)
-        return F.gelu(gate).mul_(a)     # inference: reuse GELU's fresh output (same values)
+        return a * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -648,8 +610,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Linear(channels, channels)
             self.proj_out = nn.Linear(channels, channels)
         else:
-            self.proj_in = Conv2d(channels, channels, 1)
-            self.proj_out = Conv2d(channels, channels, 1)
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, heads, channels // heads, context_dim, upcast) for _ in range(depth))
 
@@ -872,7 +834,7 @@ class UNet(nn.Module):
         x = self.mid_block(x, emb, context)
         for block in self.up_blocks:
             x = block(x, emb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def embed_time(self, timestep, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Timestep(s) -> [B, time_embed_dim]: sinusoidal features, then the MLP."""

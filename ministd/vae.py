@@ -157,15 +157,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU overwrites the freshly normalised map when no gradient is recorded
-        # (inference), and the sum lands in conv2's output: two feature-map-sized
-        # buffers fewer per block, which is most of a decode's memory traffic besides
-        # the convolutions (benchmarks/RESULTS.md). The values are unchanged.
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
-        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(skip)
+        return h + skip
 
 
 class SelfAttention(nn.Module):
@@ -280,7 +275,7 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             x = level(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -306,7 +301,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for level in self.up_blocks:
             x = level(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 # --------------------------------------------------------------------------- #

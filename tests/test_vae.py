@@ -84,30 +84,6 @@ def test_parity_diffusers_folder(tmp_path, overrides):
     assert_same_network(ref, ours, images())
 
 
-def test_inference_leaves_latents_alone_and_training_gradients_match():
-    """The decoder's in-place SiLU / residual additions (inference only) change nothing:
-    the caller's latents are untouched, and with autograd on, the decode and the
-    parameter gradients equal diffusers' (tolerances as above; 1e-4 on gradients)."""
-    ref = tiny_diffusers_vae()
-    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(ref.state_dict())
-    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    kept = z.clone()
-    with torch.inference_mode():
-        fast = ours.decode(z)
-    assert torch.equal(z, kept)
-    out, ref_out = ours.decode(z), ref.decode(z).sample
-    close(out, fast)
-    close(out, ref_out)
-    out.square().mean().backward()
-    ref_out.square().mean().backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
-    assert ours.decoder.conv_in.weight.grad is not None
-
-
 def test_scaling_and_shift():
     ours = AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=4, scaling_factor=0.5, shift_factor=0.1))
     z = torch.randn(1, 4, 2, 2)
