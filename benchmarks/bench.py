@@ -4,16 +4,22 @@
     python benchmarks/bench.py --quick    # under 2 minutes: smaller inputs, fewer repeats
     python benchmarks/bench.py --memory   # also peak memory (fresh subprocesses)
     python benchmarks/bench.py --only unet,pipeline
-    python benchmarks/bench.py --only unet-bf16       # bfloat16 (not in the default set)
+    python benchmarks/bench.py --only unet-bf16       # the bfloat16 U-Net rows alone
     python benchmarks/bench.py --only shapes --compile   # the book's model, eager and torch.compile'd
 
 Both implementations get identical configs, weights (copied from the reference
-model, which uses the same parameter names) and inputs. Runs alternate in the
-order ours-theirs, theirs-ours, ... so that neither side always runs right
-after the other (caches, allocator state) and a slow moment of the machine
-hits both. Printed: min and median seconds of each, and the ratio ministd /
-reference of the medians (< 1 means ministd is faster). Nothing here asserts
-a timing; results and their explanation are in benchmarks/RESULTS.md.
+model, which uses the same parameter names) and inputs; ministd's models have
+``ministd.speed`` applied, as ``load_pipeline`` does. Runs alternate in pairs,
+ours-theirs, theirs-ours, ... so that neither side always runs right after the
+other (caches, allocator state) and a slow moment of the machine hits both.
+Printed per row: the median seconds of each side and the ratio ministd /
+reference (the median over >= 5 pairs, < 1 means ministd is faster) with its
+spread (smallest and largest pair); for U-Net steps also the GFLOP of one call
+(torch.utils.flop_counter) and each side's speed as a fraction of this
+machine's own matmul peak in that dtype (a 4096 x 4096 GEMM, best of 5, same
+threads, measured in the same run). The first line names the CPU and its
+bfloat16 units (avx512_bf16, amx_bf16). Nothing here asserts a timing; results
+and their explanation are in benchmarks/RESULTS.md.
 
 Peak memory (``--memory``, Linux) runs each measurement in a fresh subprocess
 holding only that implementation's model, resets the kernel's peak-RSS counter
@@ -50,41 +56,81 @@ def _timeit(fn, repeats: int) -> list[float]:
     return times
 
 
-def compare(name: str, ours, theirs, repeats: int, warmup: int = 1) -> dict:
-    """Time two zero-argument callables, interleaved; print and return the summary."""
+PEAK_GFLOPS: dict[torch.dtype, float] = {}   # this machine's matmul peak, measured in this run
+
+
+def matmul_peak(dtype: torch.dtype, side: int = 4096) -> float:
+    """GFLOP/s of one side x side GEMM in ``dtype``, best of 5, at the current thread count."""
+    if dtype not in PEAK_GFLOPS:
+        a, b = torch.randn(side, side).to(dtype), torch.randn(side, side).to(dtype)
+        with torch.inference_mode():
+            best = min(_timeit(lambda: a @ b, 6)[1:])
+        PEAK_GFLOPS[dtype] = 2 * side ** 3 / best / 1e9
+        print(f"matmul peak, {str(dtype).removeprefix('torch.'):<9} {side}x{side}: {PEAK_GFLOPS[dtype]:7.0f} GFLOP/s",
+              flush=True)
+    return PEAK_GFLOPS[dtype]
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call (matmuls and convolutions; torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def compare(name: str, ours, theirs, pairs: int = 5, warmup: int = 1, dtype: torch.dtype | None = None,
+            flops: int | None = None) -> dict:
+    """Time two zero-argument callables in ``pairs`` alternating pairs; print and return the summary.
+
+    The ratio is the median over pairs of ministd / reference (< 1: ministd faster), with
+    the smallest and largest pair's ratio as its spread. With ``dtype`` and ``flops``, each
+    side's speed is also printed as a fraction of this machine's matmul peak in that dtype.
+    """
     with torch.inference_mode():
         for _ in range(warmup):
             ours()
             theirs()
         t_ours, t_theirs = [], []
-        for i in range(repeats):
-            if i % 2 == 0:
-                t_ours += _timeit(ours, 1)
-                t_theirs += _timeit(theirs, 1)
-            else:
-                t_theirs += _timeit(theirs, 1)
-                t_ours += _timeit(ours, 1)
-    row = {"benchmark": name, "ministd_min": min(t_ours), "ministd_median": statistics.median(t_ours),
-           "reference_min": min(t_theirs), "reference_median": statistics.median(t_theirs)}
-    row["ratio"] = row["ministd_median"] / row["reference_median"]
-    print(f"{name:<52} ministd {row['ministd_median']:8.4f} s (min {row['ministd_min']:.4f})   "
-          f"reference {row['reference_median']:8.4f} s (min {row['reference_min']:.4f})   "
-          f"ratio {row['ratio']:.3f}", flush=True)
+        for i in range(pairs):
+            first, second = ((ours, t_ours), (theirs, t_theirs))[:: 1 if i % 2 == 0 else -1]
+            for fn, times in (first, second):
+                times += _timeit(fn, 1)
+    ratios = sorted(a / b for a, b in zip(t_ours, t_theirs))
+    row = {"benchmark": name, "pairs": pairs, "ministd_median": statistics.median(t_ours), "ministd_min": min(t_ours),
+           "reference_median": statistics.median(t_theirs), "reference_min": min(t_theirs),
+           "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+    peak = ""
+    if dtype is not None and flops:
+        gflops = matmul_peak(dtype)
+        row["gflop"] = flops / 1e9
+        row["ministd_peak_fraction"] = flops / row["ministd_median"] / 1e9 / gflops
+        row["reference_peak_fraction"] = flops / row["reference_median"] / 1e9 / gflops
+        peak = (f"   {flops / 1e9:.0f} GFLOP: {row['ministd_peak_fraction']:.0%} / "
+                f"{row['reference_peak_fraction']:.0%} of peak")
+    print(f"{name:<56} ministd {row['ministd_median']:8.4f} s   reference {row['reference_median']:8.4f} s   "
+          f"ratio {row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}, {pairs} pairs){peak}", flush=True)
     return row
 
 
 # ------------------------------------------------------------------ the models
 
 @functools.cache  # built once per process: the pipeline benchmark reuses them
-def unet_pair(config_name: str = "sd1"):
+def unet_pair(config_name: str = "sd1", width: float = 1.0):
+    """ministd's U-Net (with ministd.speed applied, as load_pipeline does) and diffusers', same
+    weights; ``width`` scales every level's channels (0.5: SD 1.5's levels at 160-640)."""
     import diffusers
+    from ministd import speed
     from ministd import unet as U
 
     config = getattr(U, config_name)()
+    config.block_out_channels = tuple(int(c * width) for c in config.block_out_channels)
     ref = diffusers.UNet2DConditionModel(**config.to_diffusers_config()).eval()
     ours = U.UNet(config).eval()
     ours.load_state_dict(ref.state_dict())
-    return ours, ref, config
+    return speed.optimize(ours), ref, config
 
 
 @functools.cache  # built once per process: the pipeline benchmark reuses them
@@ -98,7 +144,8 @@ def vae_pair():
                                   up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32).eval()
     ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict())
-    return ours, ref
+    from ministd import speed
+    return speed.optimize(ours), ref
 
 
 @functools.cache  # built once per process: the pipeline benchmark reuses them
@@ -150,16 +197,28 @@ def pipeline_pair(folder: Path):
 
 # ------------------------------------------------------------------ benchmarks
 
-def bench_unet(quick: bool, rows: list):
-    ours, ref, config = unet_pair("sd1")
+def _unet_step(width: float, side: int, dtype: torch.dtype, quick: bool, rows: list, label: str) -> dict:
+    ours, ref, config = unet_pair("sd1", width)
+    if dtype != torch.float32:
+        ours, ref = copy.deepcopy(ours).to(dtype), copy.deepcopy(ref).to(dtype)
     g = torch.Generator().manual_seed(0)
-    for side in ((32,) if quick else (32, 64)):
-        x = torch.randn(2, 4, side, side, generator=g)
-        ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g)
-        t = torch.tensor([500, 500])
-        rows.append(compare(f"U-Net step SD1.5, latent {side}x{side}, batch 2", lambda: ours(x, t, ctx),
-                            lambda: ref(x, t, encoder_hidden_states=ctx).sample,
-                            repeats=4 if quick else (8 if side == 32 else 4)))
+    x = torch.randn(2, 4, side, side, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g).to(dtype)
+    t = torch.tensor([500, 500])
+    run_ref = lambda: ref(x, t, encoder_hidden_states=ctx).sample
+    row = compare(f"U-Net step SD1.5 {label}, {str(dtype).removeprefix('torch.')}, latent {side}, batch 2",
+                  lambda: ours(x, t, ctx), run_ref, pairs=3 if quick else 5, dtype=dtype,
+                  flops=count_flops(run_ref))
+    rows.append(row)
+    return row
+
+
+def bench_unet(quick: bool, rows: list):
+    """SD 1.5's U-Net at full widths (320-1280) and half widths (160-640), float32."""
+    _unet_step(0.5, 32, torch.float32, quick, rows, "half widths")
+    _unet_step(1.0, 32, torch.float32, quick, rows, "full widths")
+    if not quick:
+        _unet_step(1.0, 64, torch.float32, quick, rows, "full widths")
 
 
 def bench_vae(quick: bool, rows: list):
@@ -168,46 +227,47 @@ def bench_vae(quick: bool, rows: list):
     for side in ((32,) if quick else (32, 64)):
         z = torch.randn(1, 4, side, side, generator=g)
         rows.append(compare(f"VAE decode SD, {side * 8}x{side * 8}", lambda: ours.decode(z),
-                            lambda: ref.decode(z).sample, repeats=2 if quick else (6 if side == 32 else 3)))
+                            lambda: ref.decode(z).sample, pairs=3 if quick else 5))
 
 
 def bench_text(quick: bool, rows: list):
     ours, ref = text_pair()
     ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(0))
     rows.append(compare("text encoder CLIP-L, 77 tokens, batch 2", lambda: ours(ids), lambda: ref(ids),
-                        repeats=6 if quick else 30))
+                        pairs=5 if quick else 15))
 
 
 def bench_unet_bf16(quick: bool, rows: list):
-    """The U-Net step in bfloat16 (both implementations cast alike). Not in the default set."""
-    ours, ref, config = unet_pair("sd1")
-    ours, ref = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    for side in ((32,) if quick else (32, 64)):
-        x = torch.randn(2, 4, side, side, generator=g).bfloat16()
-        ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g).bfloat16()
-        t = torch.tensor([500, 500])
-        rows.append(compare(f"U-Net step SD1.5 bfloat16, latent {side}x{side}, batch 2", lambda: ours(x, t, ctx),
-                            lambda: ref(x, t, encoder_hidden_states=ctx).sample, repeats=4))
+    """The U-Net step in bfloat16 (both implementations cast alike), and ministd's bfloat16
+    step against its own float32 step (the speed-up the bf16 units give)."""
+    for width, label in ((0.5, "half widths"),) + (() if quick else ((1.0, "full widths"),)):
+        low = _unet_step(width, 32, torch.bfloat16, quick, rows, label)
+        full = next((r for r in rows if r["benchmark"] == low["benchmark"].replace("bfloat16", "float32")), None)
+        if full is None:
+            full = _unet_step(width, 32, torch.float32, quick, rows, label)
+        speedup = full["ministd_median"] / low["ministd_median"]
+        print(f"  ministd bfloat16 vs its own float32, {label}: {speedup:.2f}x faster", flush=True)
+        rows.append({"benchmark": f"ministd bf16 speed-up, {label}", "speedup": speedup})
 
 
 def bench_pipeline(quick: bool, rows: list):
-    """Prompt -> picture with CFG 7.5 and DDIM, both pipelines from the same start latents."""
+    """Prompt -> picture with SD 1.5-sized random weights, CFG 7.5, DDIM, both pipelines from the
+    same start latents: 256x256 with 4 steps and 512x512 with 2 steps (128x128 with 2 if quick)."""
     import tempfile
 
-    side, steps = (128, 4) if quick else (256, 20)
     with tempfile.TemporaryDirectory() as tmp:
         ours, ref = pipeline_pair(Path(tmp))
-    latents = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
     prompt = "a photograph of an astronaut riding a horse"
-    kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, output_type="np")
-    run_ours = lambda: ours.txt2img(prompt, latents=latents, **kwargs).images[0]
-    run_ref = lambda: ref(prompt, latents=latents, **kwargs).images[0]
-    with torch.inference_mode():
-        gap = float(abs(run_ours() - run_ref()).max())
-    print(f"  (same picture: max |ministd - reference| = {gap:.1e} on pixel values in [0, 1])")
-    rows.append(compare(f"txt2img SD1.5-sized, {side}x{side}, {steps} DDIM steps, CFG", run_ours, run_ref,
-                        repeats=2, warmup=0))
+    for side, steps in (((128, 2),) if quick else ((256, 4), (512, 2))):
+        latents = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+        kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=side, width=side, output_type="np")
+        run_ours = lambda: ours.txt2img(prompt, latents=latents, **kwargs).images[0]
+        run_ref = lambda: ref(prompt, latents=latents, **kwargs).images[0]
+        with torch.inference_mode():
+            gap = float(abs(run_ours() - run_ref()).max())
+        print(f"  (same picture: max |ministd - reference| = {gap:.1e} on pixel values in [0, 1])")
+        rows.append(compare(f"txt2img SD1.5-sized, {side}x{side}, {steps} DDIM steps, CFG", run_ours, run_ref,
+                            pairs=3 if quick else 5, warmup=0))
 
 
 def bench_shapes(quick: bool, rows: list, compile_unet: bool = False):
@@ -235,6 +295,19 @@ def bench_shapes(quick: bool, rows: list, compile_unet: bool = False):
               + (f"; first call {first:.1f} s" if compiled else ""), flush=True)
         rows.append({"benchmark": "shapes end to end" + (" compiled" if compiled else ""),
                      "ministd_median": statistics.median(times), "ministd_min": min(times), "first_call": first})
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its bfloat16-relevant flags, from /proc/cpuinfo where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(shown) or 'no AVX-512'})"
 
 
 # ------------------------------------------------------------------ memory
@@ -292,7 +365,7 @@ def bench_memory(rows: list):
 
 BENCHMARKS = {"text": bench_text, "vae": bench_vae, "unet": bench_unet, "pipeline": bench_pipeline,
               "shapes": bench_shapes, "unet-bf16": bench_unet_bf16}
-DEFAULT = ["text", "vae", "unet", "pipeline", "shapes"]     # unet-bf16 only when asked for
+DEFAULT = ["text", "vae", "unet", "unet-bf16", "pipeline", "shapes"]
 
 
 def _benchmark_names(value: str) -> list[str]:
@@ -316,7 +389,7 @@ def main(argv=None) -> int:
     import diffusers
     import transformers
 
-    print(f"{time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
+    print(f"{time.strftime('%Y-%m-%d')} | {cpu_description()} | "
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           f"transformers {transformers.__version__}", flush=True)
     rows: list[dict] = []

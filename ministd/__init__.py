@@ -26,7 +26,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "text": 7,            # CLIP text transformer (+ tiny contrastive CLIP)
     "train.clip": 7,      # training the ShapesWorld CLIP
     "train.unet": 8,      # training the ShapesWorld text-to-image U-Net
-    "train.adherence": 8,  # measuring prompt adherence of the text-to-image model (issue 15)
+    "train.adherence": 10,  # evaluating the text-to-image model as readers use it (issue 15)
     "guidance": 9,        # classifier-free and classifier guidance
     "train.classifier": 9,  # training the noisy-latent classifier for classifier guidance
     "pipelines": 10,      # txt2img, img2img, inpaint, SDXL base + refiner

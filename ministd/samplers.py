@@ -129,9 +129,11 @@ def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing
     elif spacing == "leading":
         ts = (np.arange(N) * (T // N)).astype(np.float64)[::-1] + steps_offset
     elif spacing == "trailing":
-        # T - i*T/N for i < N; the reference's np.arange(T, 0, -T/N) gets one extra,
-        # negative, timestep for some N (61, 103, ...) through rounding: we take exactly N
-        ts = np.round(T - np.arange(N) * (T / N)) - 1
+        # T - i*T/N for i < N, computed as the reference does, with np.arange(T, 0, -T/N):
+        # where i*T/N is a tie (N = 48, i = 3: 937.5) arange's rounding decides which way
+        # it goes (938 there, 937 from T - i*T/N). For some N (61, 103, ...) that arange
+        # gets one extra, negative, timestep: we take exactly N
+        ts = np.round(np.arange(T, 0, -T / N)[:N]) - 1
     else:
         raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
     return ts.copy()
@@ -151,9 +153,11 @@ def sigma_to_timestep(sigmas: np.ndarray, sigma_table: np.ndarray) -> np.ndarray
     """Fractional timestep whose sigma is ``sigmas``: linear interpolation in log sigma.
 
     ``sigma_table`` [T] is sqrt((1 - alpha_bar_t) / alpha_bar_t), increasing in t.
-    Values outside the table are clamped to timestep 0 or T-1.
+    Values outside the table are clamped to timestep 0 or T-1. The log of the
+    table is taken in float32, as the reference does with its float32 table: a
+    float64 log moves some float32 timesteps by one unit in the last place.
     """
-    log_table = np.log(sigma_table)
+    log_table = np.log(np.asarray(sigma_table, dtype=np.float32)).astype(np.float64)
     return np.interp(np.log(np.maximum(sigmas, 1e-10)), log_table, np.arange(len(sigma_table), dtype=np.float64))
 
 
@@ -634,8 +638,11 @@ class EulerSampler(Sampler):
     def init_noise_sigma(self) -> float:
         s_max = float(self._sigmas.max()) if self._sigmas is not None else float(self._sigma_table().max())
         # leading spacing never starts at sigma_max of training, so the reference keeps
-        # the variance-preserving scale sqrt(sigma^2 + 1) there
-        return s_max if self.config.timestep_spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
+        # the variance-preserving scale sqrt(sigma^2 + 1) there (rounded to float32, as it is
+        # there: a float64 value differs by 1e-8 relative, which float64 pipelines can see)
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return s_max
+        return float((torch.tensor(s_max, dtype=torch.float32) ** 2 + 1) ** 0.5)
 
     def scale_model_input(self, sample, timestep):
         i = self._expect(timestep)

@@ -577,7 +577,7 @@ class AutoencoderKL(nn.Module):
 
     def _finish_loading(self, dtype: torch.dtype) -> "AutoencoderKL":
         self.to(dtype).eval()
-        if dtype != torch.float32 and self.config.force_upcast:
+        if dtype in (torch.float16, torch.bfloat16) and self.config.force_upcast:
             self.upcast_decoder()
         return self
 

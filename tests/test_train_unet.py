@@ -166,8 +166,9 @@ def test_export_writes_loadable_float16(files, tmp_path):
 
 
 def test_prepare_encodes_pictures_and_captions(tmp_path):
-    """`prepare` with a random VAE: one row per ShapesWorld picture, checked against a direct encode."""
-    from ministd.data import ShapesWorld, pil_to_tensor
+    """`prepare` with a random VAE: one row per kept ShapesWorld picture (none showing a held-out
+    triple), checked against a direct encode; several captions per picture, each true to it."""
+    from ministd.data import ShapesWorld, caption_matches, draw_scene, pil_to_tensor
     from ministd.vae import AutoencoderKL, VAEConfig
 
     torch.manual_seed(0)
@@ -175,18 +176,27 @@ def test_prepare_encodes_pictures_and_captions(tmp_path):
                                   sample_size=64)).eval()
     vae.save(tmp_path / "vae.safetensors", dtype=None)
     run_here(["prepare", "--vae", str(tmp_path / "vae.safetensors"), "--out", str(tmp_path / "cache.pt"),
-              "--n", "5", "--batch-size", "2", "--seed", "7", "--threads", "1"])
+              "--n", "40", "--batch-size", "16", "--seed", "7", "--threads", "1", "--captions", "3"])
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     T.check_cache(cache)
-    assert cache["latent_mean"].shape == (5, 4, 16, 16) and cache["input_ids"].shape == (5, 77)
+    assert cache["latent_mean"].shape == (40, 4, 16, 16) and cache["input_ids"].shape == (40, 3, 77)
     world = ShapesWorld(seed=7, objects=(1, 2))
-    image, caption, _ = world[3]
-    assert cache["captions"][3] == caption
+    kept = cache["world_index"].tolist()
+    skipped = sorted(set(range(kept[-1])) - set(kept))
+    assert all(T.has_held_out_triple(world.attributes(i)[0]) for i in skipped)
+    assert not any(T.has_held_out_triple(world.attributes(i)[0]) for i in kept)
+    assert skipped, "seed 7's first pictures include held-out triples: the filter must have skipped some"
+    for i, per_picture in zip(kept, cache["captions"]):
+        assert all(caption_matches(c, world.attributes(i)[0]) for c in per_picture), per_picture
+    row = 3
+    attrs, jitter, _ = world.attributes(kept[row])
     with torch.no_grad():
-        posterior = vae.encode(pil_to_tensor([image]))
-    torch.testing.assert_close(cache["latent_mean"][3:4].float(), 0.5 * posterior.mean, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(cache["latent_std"][3:4].float(), 0.5 * posterior.std, atol=2e-3, rtol=1e-3)
-    assert cache["input_ids"][3, 0] == 49406 and cache["uncond_ids"][:2].tolist() == [49406, 49407]
+        posterior = vae.encode(pil_to_tensor([draw_scene(attrs, 64, jitter)]))
+    torch.testing.assert_close(cache["latent_mean"][row:row + 1].float(), 0.5 * posterior.mean, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(cache["latent_std"][row:row + 1].float(), 0.5 * posterior.std, atol=2e-3, rtol=1e-3)
+    assert cache["input_ids"][row, 0, 0] == 49406 and cache["uncond_ids"][:2].tolist() == [49406, 49407]
+    forms = {c for per in cache["captions"] for c in per}
+    assert len(forms) > 100      # 120 captions in many forms, nearly all distinct
 
 
 def random_models(files: Path):

@@ -67,16 +67,66 @@ from ministd.unet import UNet, UNetConfig, shapes_tiny
 UNCOND_PROMPT = ""
 CONTEXT_LENGTH = 77
 
+# (object colour, shape, background) triples never shown in training (``prepare``
+# leaves out every picture with such an object), so ``evaluate`` can measure
+# whether the model composes words it has only seen apart. Each colour once,
+# each shape and background more than once: 8 of the 168 triples.
+HELD_OUT_TRIPLES: tuple[tuple[str, str, str], ...] = (
+    ("red", "triangle", "green"), ("green", "circle", "purple"), ("blue", "square", "yellow"),
+    ("yellow", "triangle", "black"), ("purple", "square", "orange"), ("orange", "circle", "blue"),
+    ("white", "triangle", "red"), ("black", "square", "white"),
+)
+
 
 # --------------------------------------------------------------------------- #
 # The latent cache
 # --------------------------------------------------------------------------- #
 
+# Short forms readers type that the grammar's own templates do not produce (no
+# article, a comma before the background); trained on so that they work too.
+READER_FORMS: tuple[str, ...] = ("{color} {shape}", "{color} {shape}, {bg} background",
+                                 "{size} {color} {shape} {pos}, {bg} background", "{color} {shape} {pos}")
+
+
+def has_held_out_triple(attrs: dict) -> bool:
+    """Whether a scene shows an object whose (colour, shape, background) is in HELD_OUT_TRIPLES."""
+    return any((o["color"], o["shape"], attrs["background"]) in HELD_OUT_TRIPLES for o in attrs["objects"])
+
+
+def training_captions(attrs: dict, rng, k: int) -> list[str]:
+    """``k`` captions of one scene, each in a form drawn uniformly from the grammar's forms
+    (ministd.data.CAPTION_FORMS, or the pair forms for two objects) and READER_FORMS."""
+    from ministd.data import CAPTION_FORMS, _POSITION_PHRASES, _SHAPE_SYNONYMS, _SIZE_SYNONYMS, write_caption
+
+    out = []
+    for _ in range(k):
+        if len(attrs["objects"]) == 2:
+            out.append(write_caption(attrs, rng, form=rng.choice(["pair_full", "pair_no_bg", "pair_bare"]))[0])
+            continue
+        form = rng.choice(list(CAPTION_FORMS) + list(READER_FORMS))
+        if form in CAPTION_FORMS:
+            out.append(write_caption(attrs, rng, form=form)[0])
+            continue
+        obj = attrs["objects"][0]
+        out.append(form.format(color=obj["color"], shape=rng.choice(_SHAPE_SYNONYMS[obj["shape"]]),
+                               size=rng.choice(_SIZE_SYNONYMS[obj["size"]]), bg=attrs["background"],
+                               pos=rng.choice(_POSITION_PHRASES[obj["position"]])))
+    return out
+
+
 def prepare(args) -> None:
-    """Encode ShapesWorld pictures with the frozen VAE and tokenize their captions, once."""
+    """Encode ShapesWorld pictures with the frozen VAE and tokenize their captions, once.
+
+    Pictures showing a held-out (colour, shape, background) triple are skipped, so the
+    cache holds the first ``--n`` pictures of the world that show none. Each picture
+    gets ``--captions`` captions in random forms (:func:`training_captions`); training
+    draws one of them per step.
+    """
+    import random
+
     from tqdm import tqdm
 
-    from ministd.data import ShapesWorld, pil_to_tensor
+    from ministd.data import ShapesWorld, draw_scene, pil_to_tensor
     from ministd.tokenizer import CLIPTokenizer
     from ministd.vae import AutoencoderKL
 
@@ -84,24 +134,32 @@ def prepare(args) -> None:
     vae = AutoencoderKL.load(args.vae).eval()
     tokenizer = CLIPTokenizer.from_vocab_file()
     world = ShapesWorld(seed=args.seed, objects=tuple(args.objects))
+    kept = [i for i in range(4 * args.n) if not has_held_out_triple(world.attributes(i)[0])][:args.n]
     means, stds, captions = [], [], []
     with torch.no_grad():
         for start in tqdm(range(0, args.n, args.batch_size), desc="encode", mininterval=10):
-            items = [world[i] for i in range(start, min(start + args.batch_size, args.n))]
-            posterior = vae.encode(pil_to_tensor([image for image, _, _ in items]))
+            pictures = []
+            for i in kept[start:start + args.batch_size]:
+                attrs, jitter, _ = world.attributes(i)
+                pictures.append(draw_scene(attrs, world.size, jitter))
+                captions.append(training_captions(attrs, random.Random(f"captions:{args.seed}:{i}"), args.captions))
+            posterior = vae.encode(pil_to_tensor(pictures))
             means.append((vae.scale_latents(posterior.mean)).half())
             stds.append((posterior.std * vae.scaling_factor).half())
-            captions += [caption for _, caption, _ in items]
-    ids = tokenizer(captions, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True).input_ids
+    flat = [c for per_picture in captions for c in per_picture]
+    ids = tokenizer(flat, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True).input_ids
     cache = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
-             "input_ids": ids.to(torch.int32), "captions": captions,
+             "input_ids": ids.to(torch.int32).view(args.n, args.captions, CONTEXT_LENGTH), "captions": captions,
+             "world_index": torch.tensor(kept),
              "uncond_ids": tokenizer([UNCOND_PROMPT], padding="max_length",
                                      max_length=CONTEXT_LENGTH).input_ids[0].to(torch.int32),
              "meta": {"vae": str(args.vae), "world_seed": args.seed, "objects": list(args.objects),
-                      "n": args.n, "scaling_factor": vae.scaling_factor}}
+                      "n": args.n, "scaling_factor": vae.scaling_factor, "captions_per_picture": args.captions,
+                      "held_out_triples": [list(t) for t in HELD_OUT_TRIPLES]}}
     save_atomically(cache, Path(args.out))
     m = cache["latent_mean"].float()
-    print(f"wrote {args.out}: {args.n} latents {tuple(m.shape[1:])}, mean {m.mean():.3f}, std {m.std():.3f}")
+    print(f"wrote {args.out}: {args.n} latents {tuple(m.shape[1:])} x {args.captions} captions, "
+          f"mean {m.mean():.3f}, std {m.std():.3f}")
 
 
 def check_cache(cache: dict) -> None:
@@ -176,6 +234,8 @@ def draw_batch(cache: dict, step: int, args, perms: dict):
     noise = torch.randn(mean.shape, generator=g)
     drop = torch.rand(len(idx), generator=g) < args.uncond_prob       # caption dropout for CFG
     ids = cache["input_ids"][idx].long()
+    if ids.dim() == 3:          # several captions per picture: one drawn per step
+        ids = ids[torch.arange(len(idx)), torch.randint(0, ids.shape[1], (len(idx),), generator=g)]
     ids[drop] = cache["uncond_ids"].long()
     return latents, ids, t, noise
 
@@ -210,9 +270,11 @@ def restore(ckpt_path: Path, args, unet, ema, optimizer, verbose: bool = True) -
     if not ckpt_path.is_file():
         return 0, 0.0
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    keep = ("steps", "seed", "batch_size", "lr", "channels", "layers_per_block", "uncond_prob")
-    if any(state["args"][k] != vars(args)[k] for k in keep):
-        sys.exit(f"{ckpt_path} was written with other settings ({ {k: state['args'][k] for k in keep} }); "
+    keep = ("steps", "seed", "batch_size", "lr", "channels", "layers_per_block", "uncond_prob", "weighting")
+    defaults = {"weighting": "uniform"}     # checkpoints written before the option existed
+    written = {k: state["args"].get(k, defaults.get(k)) for k in keep}
+    if any(written[k] != vars(args)[k] for k in keep):
+        sys.exit(f"{ckpt_path} was written with other settings ({written}); "
                  "use another --out or the same arguments")
     unet.load_state_dict(state["unet"])
     ema.load_state_dict(state["ema"])
@@ -284,7 +346,8 @@ def train(args) -> None:
             states = text_encoder(ids).last_hidden_state
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        loss = diffusion_loss(model, latents, schedule, t=t, noise=noise, encoder_hidden_states=states)
+        loss = diffusion_loss(model, latents, schedule, t=t, noise=noise, encoder_hidden_states=states,
+                              weighting=args.weighting, snr_gamma=args.snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                     # DDP averages the gradients of all processes here
         torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -605,31 +668,22 @@ def guidance_sweep(args) -> None:
 
 
 def evaluate(args) -> None:
-    """Print the judge's accuracy and the U-Net's prompt adherence; exit 1 if a bar is missed."""
-    from ministd.text import TinyCLIP
-    from ministd.tokenizer import CLIPTokenizer
-    from ministd.vae import AutoencoderKL
+    """Issue 15's evaluation of the model as a reader uses it (:mod:`ministd.train.adherence`):
+    print the table, write it as JSON to ``--out``; exit 1 if a target is missed."""
+    from ministd.train import adherence
 
     torch.set_num_threads(args.threads)
-    unet = load_checkpoint(args.checkpoint) if args.checkpoint else UNet.load(args.weights)
-    vae = AutoencoderKL.load(args.vae).eval()
-    text_encoder = TinyCLIP.from_pretrained(args.clip).text_encoder.eval()
-    judge = load_judge(args.judge)
-    judge_acc = judge_accuracy(judge, n=args.judge_n)
-    print("judge accuracy on held-out ground truth: " + ", ".join(f"{k} {v:.4f}" for k, v in judge_acc.items()))
-    ceiling = judge_accuracy(judge, n=args.judge_n, vae=vae)
-    print("judge accuracy on their VAE reconstructions: " + ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()))
-    t0 = time.time()
-    adherence = prompt_adherence(unet, vae, text_encoder, CLIPTokenizer.from_vocab_file(), judge, n=args.n,
-                                 guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-                                 sampler=args.sampler, seed=args.seed)
-    print(f"prompt adherence on {args.n} held-out prompts (guidance {args.guidance_scale}, {args.sampler}, "
-          f"{args.steps} steps, {time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.4f}" for k, v in adherence.items()))
-    ok = (judge_acc["color"] >= JUDGE_BAR and judge_acc["shape"] >= JUDGE_BAR
-          and adherence["color"] >= ADHERENCE_BAR and adherence["shape"] >= ADHERENCE_BAR)
-    print(f"bar (judge >= {JUDGE_BAR:.0%}; colour and shape adherence >= {ADHERENCE_BAR:.0%}): "
-          f"{'met' if ok else 'NOT met'}")
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if adherence.evaluate(args) else 1)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _ints(text: str) -> list[int]:
@@ -658,12 +712,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="ShapesWorld seed of the training pictures")
     p.add_argument("--objects", type=_ints, default=[1, 2], help="objects per scene: 1, 2 or 1,2")
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--captions", type=_positive_int, default=4, help="captions per picture, in random forms")
     p.add_argument("--threads", type=int, default=2)
     t = sub.add_parser("train", help="train (or resume) the U-Net; works under torchrun")
     t.add_argument("--cache", default="/work/runs/unet/cache.pt")
     t.add_argument("--clip", default="data/shapes_clip.safetensors")
     t.add_argument("--out", default="/work/runs/unet")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=_positive_int, default=3000)
     t.add_argument("--batch-size", type=int, default=64, help="global batch, split over the processes")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--warmup", type=int, default=200)
@@ -671,6 +726,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout for classifier-free guidance")
+    t.add_argument("--weighting", choices=("uniform", "min_snr"), default="uniform",
+                   help="loss weight per timestep: uniform, or min-SNR-gamma (Hang et al. 2023)")
+    t.add_argument("--snr-gamma", type=float, default=5.0)
     t.add_argument("--channels", type=_ints, default=list(shapes_tiny().block_out_channels))
     t.add_argument("--layers-per-block", type=int, default=shapes_tiny().layers_per_block)
     t.add_argument("--seed", type=int, default=0)
@@ -689,20 +747,22 @@ def main(argv: list[str] | None = None) -> None:
     j.add_argument("--n", type=int, default=1000, help="held-out ground-truth pictures to measure it on")
     j.add_argument("--seed", type=int, default=0)
     j.add_argument("--threads", type=int, default=2)
-    e = sub.add_parser("evaluate", help="prompt adherence at a guidance scale, judged by the classifier")
-    which = e.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a training checkpoint (EMA weights are used)")
-    which.add_argument("--weights", help="shipped weights (.safetensors with its .json)")
-    e.add_argument("--vae", default="data/shapes_vae.safetensors")
-    e.add_argument("--clip", default="data/shapes_clip.safetensors")
+    from ministd.train import adherence as A
+
+    e = sub.add_parser("evaluate", help="prompt adherence of the model as a reader uses it (issue 15), to JSON")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a training checkpoint (EMA weights are used) instead of the shipped U-Net")
+    which.add_argument("--weights", help="U-Net weights (.safetensors with its .json) instead of the shipped U-Net")
     e.add_argument("--judge", default=str(SHAPES_JUDGE_FILE), help="the judge: shipped .safetensors or a judge .pt")
-    e.add_argument("--n", type=int, default=200)
-    e.add_argument("--judge-n", type=int, default=1000)
-    e.add_argument("--guidance-scale", type=float, default=7.5)
-    e.add_argument("--steps", type=int, default=30)
-    e.add_argument("--sampler", default="ddim")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--n", type=A.positive_int, default=A.DEFAULT_N, help="prompts, shared evenly over --forms")
+    e.add_argument("--forms", type=A.form_ids, default=A.FORMS,
+                   help="comma-separated caption form ids (default: all): " + ", ".join(A.FORMS))
+    e.add_argument("--guidance-scale", type=A.guidance_scale, default=7.5)
+    e.add_argument("--steps", type=A.positive_int, default=20)
+    e.add_argument("--sampler", type=A.sampler_name, default=None, help="default: the model's own (DDIM)")
+    e.add_argument("--seed", type=int, default=0, help="prompt i draws its noise from seed + i")
+    e.add_argument("--threads", type=A.positive_int, default=2)
+    e.add_argument("--out", default="data/shapes_unet_eval.json")
     x = sub.add_parser("export", help="write float16 EMA weights + config for data/")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", default="data/shapes_unet.safetensors")
