@@ -31,6 +31,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "train.classifier": 9,  # training the noisy-latent classifier for classifier guidance
     "pipelines": 10,      # txt2img, img2img, inpaint, SDXL base + refiner
     "speed": 10,          # CPU speed tricks applied to loaded models (one switch)
+    "inpaint": 12,        # masks, latent blending, 9-channel inpainting, only-masked crop, outpainting
     "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
     "bench": 15,          # benchmarks against the reference implementation
 }

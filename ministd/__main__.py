@@ -1,4 +1,4 @@
-"""Command line: ``python -m ministd {shapes,render,generate} ...``.
+"""Command line: ``python -m ministd {shapes,render,generate,info} ...``.
 
 Errors in the arguments print one line that says what is allowed and exit
 with status 2 (no traceback), like any well-behaved Unix tool.
@@ -49,7 +49,7 @@ def _output_path(text: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ministd", description="Stable Diffusion from first principles.")
-    sub = parser.add_subparsers(dest="command", metavar="{shapes,render,generate}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{shapes,render,generate,info}", parser_class=_Parser)
 
     shapes = sub.add_parser("shapes", help="render a captioned grid of ShapesWorld samples")
     shapes.add_argument("--n", type=_positive_int(1024), default=16, help="number of samples (1-1024)")
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("-o", "--output", type=_output_path, default=Path("out.png"))
+
+    info = sub.add_parser("info", help="describe a checkpoint (family, layout, sizes) without loading it")
+    info.add_argument("path", help="a diffusers folder or a single .safetensors file")
+    info.add_argument("--allow-pickle", action="store_true",
+                      help="also read pickled .ckpt/.bin/.pt files (with torch.load(weights_only=True))")
     return parser
 
 
@@ -136,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"ministd generate: error: {exc}\n")
         out.images[0].save(args.output)
         print(f"wrote {args.output}")
+        return 0
+    if args.command == "info":
+        from ministd.checkpoints import inspect
+        try:
+            print(inspect(args.path, allow_pickle=args.allow_pickle).summary())
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            message = " ".join(str(exc).split())          # one line, whatever the error says
+            parser.exit(2, f"ministd info: error: {message}\n")
         return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2

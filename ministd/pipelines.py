@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +37,7 @@ from ministd.text import CLIPTextModel
 from ministd.tokenizer import CLIPTokenizer
 from ministd.unet import UNet
 from ministd.vae import AutoencoderKL
+from ministd.weights import read_json
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -97,14 +99,14 @@ class StableDiffusionPipeline:
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
         """Load a diffusers-layout folder (``model_index.json`` + one folder per component)."""
         folder = Path(folder)
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
-        index = json.loads(index_path.read_text())
+        index = _read_index(folder)
+        if index.get("_class_name") in SDXL_CLASSES or "text_encoder_2" in index:
+            raise ValueError(f"{folder} is an SDXL pipeline ({index.get('_class_name')}); load it with "
+                             "load_pipeline or StableDiffusionXLPipeline.from_folder")
         missing = [c for c in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (folder / c).is_dir()]
         if missing:
             raise FileNotFoundError(f"{folder} lacks the component folder(s) {missing}")
-        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         return cls(tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
                    text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
                    unet=UNet.from_pretrained(folder / "unet", dtype=dtype),
@@ -188,16 +190,20 @@ class StableDiffusionPipeline:
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                 sampler: Sampler, guidance_scale: float, guidance_rescale: float = 0.0,
                 callback: Callable | None = None, generator: torch.Generator | None = None,
-                timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                timesteps: torch.Tensor | None = None, added_cond: dict | None = None) -> torch.Tensor:
         """The reverse process: run ``sampler`` over its timesteps with guidance.
 
         latents [B, C, h, w] already scaled for the first step; cond/uncond
         [B, 77, D]. ``callback(step, t, latents, x0_pred)`` sees every step.
+        ``added_cond``: SDXL's extra U-Net inputs, stacked [uncond, cond] along
+        the batch when guidance runs both branches.
         """
         steps = sampler.timesteps if timesteps is None else timesteps
+        extra = {} if added_cond is None else {"added_cond": added_cond}
         for i, t in enumerate(tqdm(steps, disable=not self.progress_bar, desc="sampling", leave=False)):
             x = sampler.scale_model_input(latents, t)
-            noise_pred = guided_noise_prediction(self.unet, x, t, cond, uncond, guidance_scale, guidance_rescale)
+            noise_pred = guided_noise_prediction(self.unet, x, t, cond, uncond, guidance_scale, guidance_rescale,
+                                                 **extra)
             out = sampler.step(noise_pred, t, latents, generator=generator)
             latents = out.prev_sample
             if callback is not None:
@@ -233,6 +239,8 @@ class StableDiffusionPipeline:
         overrides it. ``generator`` (for ancestral samplers' noise) defaults
         to the seed's generator, continued after the initial draw.
         """
+        if self.unet.config.in_channels == 9:
+            raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         height, width = self._check_size(height, width)
@@ -263,10 +271,18 @@ class StableDiffusionPipeline:
                 generator: torch.Generator | None = None) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise ``image`` part-way, then denoise towards ``prompt``.
 
-        ``strength`` in [0, 1] is the fraction of the schedule that is run:
-        0 returns the image (through the VAE), 1 ignores it. ``image``: a PIL
-        image or a [B, 3, H, W] tensor in [-1, 1].
+        ``strength`` in [0, 1] is the fraction of the schedule that is run, as in
+        diffusers' StableDiffusionImg2ImgPipeline: min(int(N * strength), N) steps
+        (times the sampler's order), from noise added at the first of them. When
+        that is 0 steps (strength 0, or N * strength < 1) the image's round trip
+        through the VAE is returned, with a warning. Strength 1 starts from pure
+        noise, as txt2img (the reference's img2img noises the picture to its first
+        timestep instead, which keeps sqrt(alpha_bar) ~ 8% of it with "leading"
+        spacing). ``image``: a PIL image or a [B, 3, H, W] tensor in [-1, 1];
+        the VAE encodes it to a posterior sample drawn from the seed's generator.
         """
+        if self.unet.config.in_channels == 9:
+            raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0 or math.isnan(strength):
@@ -286,13 +302,51 @@ class StableDiffusionPipeline:
             init = self.vae.scale_latents(posterior.sample(generator))
         init = init.expand(len(prompts), *init.shape[1:]) if init.shape[0] == 1 else init
         timesteps = sampler.timesteps
-        if len(timesteps) == 0:  # strength 0: nothing to denoise
+        if len(timesteps) == 0 or int(num_inference_steps * strength) == 0:  # PNDM would keep 1 warm-up entry
+            warnings.warn(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
+                          "step to run: returning the image's round trip through the VAE", stacklevel=2)
             return PipelineOutput(self.decode(init, output_type), init)
         noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device, init.dtype)
-        latents = sampler.add_noise(init, noise, timesteps[:1])
+        if strength == 1:  # pure noise, as txt2img: the picture is not used
+            latents = noise * sampler.init_noise_sigma
+        else:
+            latents = sampler.add_noise(init, noise, timesteps[:1])
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale,
                                callback, generator)
         return PipelineOutput(self.decode(latents, output_type), latents)
+
+    # -------------------------------------------------------------- inpaint
+    def inpaint(self, prompt: str | Sequence[str], image, mask_image, strength: float = 1.0,
+                negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 20,
+                guidance_scale: float = 7.5, seed: int | None = None, sampler: str | Sampler | None = None,
+                callback: Callable | None = None, output_type: str = "pil",
+                generator: torch.Generator | None = None, padding_mask_crop: int | None = None,
+                paste_back: bool = False, mask_blur: float = 0.0, mask_dilate: int = 0,
+                height: int | None = None, width: int | None = None,
+                guidance_rescale: float = 0.0) -> PipelineOutput:
+        """Repaint ``image`` where ``mask_image`` is white, keep it where black (chapter 12).
+
+        A 4-channel U-Net inpaints by latent blending, a 9-channel inpainting U-Net
+        by its extra inputs (mask + masked-image latents); both as diffusers'
+        StableDiffusionInpaintPipeline (see :mod:`ministd.inpaint`).
+
+        - image: PIL picture (or list) or [B, 3, H, W] tensor in [-1, 1]; mask_image:
+          PIL, array or tensor of the same H×W, values in [0, 1], binarised at 0.5.
+        - strength: as img2img (1: the masked area starts from pure noise).
+        - padding_mask_crop: "only masked": crop around the mask plus this many
+          pixels, inpaint the crop at height×width (default the model's size), paste
+          it back (PIL picture and mask only).
+        - paste_back: copy the input's unmasked pixels over the decoded result.
+        - mask_dilate: grow the mask by this many pixels; mask_blur: feather it
+          (Gaussian sigma in pixels) for a soft latent blend and a soft paste-back.
+        """
+        from ministd.inpaint import inpaint
+
+        return inpaint(self, prompt, image, mask_image, strength=strength, negative_prompt=negative_prompt,
+                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                       sampler=sampler, callback=callback, output_type=output_type, generator=generator,
+                       padding_mask_crop=padding_mask_crop, paste_back=paste_back, mask_blur=mask_blur,
+                       mask_dilate=mask_dilate, height=height, width=width, guidance_rescale=guidance_rescale)
 
     def _image_tensor(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image):
@@ -304,10 +358,315 @@ class StableDiffusionPipeline:
         raise ValueError("image must be a PIL image, a list of them, or a [B, 3, H, W] tensor in [-1, 1]")
 
 
+# ------------------------------------------------------------------- SDXL
+
+def _size_pair(value, name: str) -> tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ValueError(f"{name} must be a pair of non-negative integers (height, width) or (top, left), "
+                         f"got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_fraction(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a number strictly between 0 and 1 (or None), got {value!r}")
+    return float(value)
+
+
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    """SDXL base and refiner (Podell et al. 2023): two text encoders and micro-conditioning.
+
+    - Text: each encoder's penultimate hidden states, *without* the final
+      LayerNorm, concatenated along the channels ([B, 77, 768 + 1280] for the
+      base); the pooled, projected output of the second encoder ([B, 1280])
+      goes to the U-Net's added embedding as ``text_embeds``. The refiner has
+      only the second encoder (``tokenizer`` and ``text_encoder`` are None).
+    - Micro-conditioning (sec. 2.2): ``time_ids`` = original_size (h, w) +
+      crops_coords_top_left (top, left) + target_size (h, w) for the base; the
+      refiner replaces target_size by one aesthetic score (5 numbers).
+    - With ``force_zeros_for_empty_prompt`` (the base's folders) and no negative
+      prompt, the unconditional branch gets zero text states and pooled vector.
+    - Ensemble of experts (sec. 2.5): the base's ``txt2img(..., denoising_end=0.8,
+      output_type="latent")`` stops where the refiner's ``img2img(prompt, latents,
+      denoising_start=0.8)`` takes over, on the same timestep list.
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer | None, text_encoder: CLIPTextModel | None,
+                 tokenizer_2: CLIPTokenizer, text_encoder_2: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
+                 scheduler: Sampler, force_zeros_for_empty_prompt: bool = True,
+                 requires_aesthetics_score: bool = False, clip_skip: int = 0):
+        if (tokenizer is None) != (text_encoder is None):
+            raise ValueError("tokenizer and text_encoder must both be given (SDXL base) or both be None (refiner)")
+        super().__init__(tokenizer, text_encoder, unet, vae, scheduler, clip_skip)
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_aesthetics_score = requires_aesthetics_score
+        expected = 5 if requires_aesthetics_score else 6
+        if unet.config.addition_time_embed_dim is None:
+            raise ValueError("an SDXL pipeline needs an SDXL U-Net (with addition_embed_type 'text_time'); "
+                             "this one has none: load it as a StableDiffusionPipeline")
+        got = (unet.config.addition_embed_dim - text_encoder_2.config.projection_dim) // unet.config.addition_time_embed_dim
+        if got != expected:
+            raise ValueError(f"this U-Net embeds {got} time ids, but requires_aesthetics_score="
+                             f"{requires_aesthetics_score} means {expected} (6 for the base, 5 for the refiner)")
+
+    @property
+    def is_refiner(self) -> bool:
+        return self.requires_aesthetics_score
+
+    def to(self, device: str | torch.device) -> "StableDiffusionXLPipeline":
+        for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
+            if module is not None:
+                module.to(device)
+        return self
+
+    # ---------------------------------------------------------------- text
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (text states [B, 77, D1 + D2] or [B, 77, D2], pooled [B, P] of the second encoder)."""
+        states, pooled = [], None
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        for tokenizer, encoder in pairs:
+            if encoder is None:
+                continue
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True).input_ids.to(self.device)
+            out = encoder(ids, clip_skip=1 + self.clip_skip, final_layer_norm=False)
+            states.append(out.last_hidden_state)
+            pooled = out.pooled
+        return torch.cat(states, dim=-1), pooled
+
+    def _conditions(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale):
+        """(cond, uncond, pooled, negative pooled): uncond / negative pooled None without guidance."""
+        prompts = _prompt_list(prompt, "prompt")
+        if negative_prompt is not None:
+            negatives = _prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; "
+                                 "give one negative prompt per prompt (or a single string for one prompt)")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        check_guidance_scale(guidance_scale)
+        n = num_images_per_prompt
+        cond, pooled = (x.repeat_interleave(n, dim=0) for x in self.encode_prompt(prompts))
+        if guidance_scale == 1.0:
+            return cond, None, pooled, None
+        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            return cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled)
+        uncond, neg_pooled = (x.repeat_interleave(n, dim=0)
+                              for x in self.encode_prompt(negatives if negative_prompt is not None else [""] * len(prompts)))
+        return cond, uncond, pooled, neg_pooled
+
+    def _added_cond(self, pooled, neg_pooled, ids: list[float], neg_ids: list[float]) -> dict:
+        """The U-Net's added inputs, [uncond; cond] stacked when guidance runs both branches."""
+        def time_ids(values, batch):
+            return torch.tensor([values], dtype=pooled.dtype, device=self.device).repeat(batch, 1)
+        b = pooled.shape[0]
+        if neg_pooled is None:
+            return {"text_embeds": pooled, "time_ids": time_ids(ids, b)}
+        return {"text_embeds": torch.cat([neg_pooled, pooled]),
+                "time_ids": torch.cat([time_ids(neg_ids, b), time_ids(ids, b)])}
+
+    def _time_ids(self, original_size, crops, target_size, aesthetic_score) -> list[float]:
+        last = (aesthetic_score,) if self.requires_aesthetics_score else target_size
+        return [float(v) for v in (*original_size, *crops, *last)]
+
+    # -------------------------------------------------------------- txt2img
+    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                num_inference_steps: int = 20, guidance_scale: float = 5.0, height: int | None = None,
+                width: int | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
+                sampler: str | Sampler | None = None, callback: Callable | None = None,
+                output_type: str = "pil", num_images_per_prompt: int = 1, guidance_rescale: float = 0.0,
+                generator: torch.Generator | None = None, original_size: tuple[int, int] | None = None,
+                crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+                negative_original_size: tuple[int, int] | None = None,
+                negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+                negative_target_size: tuple[int, int] | None = None,
+                denoising_end: float | None = None) -> PipelineOutput:
+        """SDXL base text-to-image. The size conditions default to the picture's own size
+        (height, width) and no crop, as the reference does; the ``negative_*`` forms apply
+        when both negative sizes are given (otherwise the positive ones are repeated, as in
+        the reference). ``denoising_end`` in (0, 1) stops after the steps whose
+        timestep is >= round(T - denoising_end * T) (hand the rest to the refiner)."""
+        if self.is_refiner:
+            raise ValueError("this is an SDXL refiner: it only continues pictures; use img2img(prompt, image "
+                             "or latents, denoising_start=...) instead of txt2img")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        height, width = self._check_size(height, width)
+        denoising_end = _check_fraction(denoising_end, "denoising_end")
+        original_size = _size_pair(original_size or (height, width), "original_size")
+        target_size = _size_pair(target_size or (height, width), "target_size")
+        crops = _size_pair(crops_coords_top_left, "crops_coords_top_left")
+        ids = neg_ids = self._time_ids(original_size, crops, target_size, None)
+        # As the reference's base pipeline: the negative branch gets its own size conditions only
+        # when both negative sizes are given; otherwise it repeats the positive ones.
+        if negative_original_size is not None and negative_target_size is not None:
+            neg_ids = self._time_ids(_size_pair(negative_original_size, "negative_original_size"),
+                                     _size_pair(negative_crops_coords_top_left, "negative_crops_coords_top_left"),
+                                     _size_pair(negative_target_size, "negative_target_size"), None)
+        elif negative_original_size is not None or negative_target_size is not None:
+            warnings.warn("negative_original_size and negative_target_size are used only together (as in "
+                          "diffusers); with one of them the negative branch repeats the positive conditions",
+                          stacklevel=2)
+        _check_seed(seed)
+        sampler = self._sampler(sampler)
+        sampler.set_timesteps(num_inference_steps)
+        timesteps = sampler.timesteps
+        if denoising_end is not None:
+            T = sampler.config.num_train_timesteps
+            cutoff = int(round(T - denoising_end * T))
+            timesteps = timesteps[: int((timesteps >= cutoff).sum())]
+        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
+        f = self.vae.downsampling_factor
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        if latents is None:
+            generator = generator or _seeded_generator(seed)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        else:
+            latents = self._check_latents(latents, shape)
+        cond, uncond, pooled, neg_pooled = self._conditions(prompt, negative_prompt, num_images_per_prompt,
+                                                            guidance_scale)
+        latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
+        latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale, callback,
+                               generator, timesteps=timesteps,
+                               added_cond=self._added_cond(pooled, neg_pooled, ids, neg_ids))
+        return PipelineOutput(self.decode(latents, output_type), latents)
+
+    __call__ = txt2img
+
+    # -------------------------------------------------------------- img2img
+    def img2img(self, prompt: str | Sequence[str], image, strength: float = 0.3,
+                negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 20,
+                guidance_scale: float = 5.0, seed: int | None = None, sampler: str | Sampler | None = None,
+                callback: Callable | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
+                generator: torch.Generator | None = None, denoising_start: float | None = None,
+                original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                target_size: tuple[int, int] | None = None,
+                negative_original_size: tuple[int, int] | None = None,
+                negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+                negative_target_size: tuple[int, int] | None = None,
+                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> PipelineOutput:
+        """SDEdit with SDXL's conditions, or the refiner's hand-off.
+
+        ``image``: a picture (PIL or [B, 3, H, W] in [-1, 1]), or latents [B, 4, h, w]
+        as the base returns them with ``output_type="latent"`` (used as they are).
+        ``denoising_start`` in (0, 1) replaces ``strength``: run only the steps whose
+        timestep is < round(T - denoising_start * T) (one more for 2nd-order samplers
+        when the count is even, as the reference does), and add no noise: the input
+        is already at that noise level.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0 or math.isnan(strength):
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        denoising_start = _check_fraction(denoising_start, "denoising_start")
+        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        _check_seed(seed)
+        prompts = _prompt_list(prompt, "prompt")
+        generator = generator or _seeded_generator(seed)
+        init = self._initial_latents(image, len(prompts), generator)
+        f = self.vae.downsampling_factor
+        height, width = init.shape[-2] * f, init.shape[-1] * f
+        original_size = _size_pair(original_size or (height, width), "original_size")
+        target_size = _size_pair(target_size or (height, width), "target_size")
+        ids = self._time_ids(original_size, _size_pair(crops_coords_top_left, "crops_coords_top_left"),
+                             target_size, aesthetic_score)
+        neg_ids = self._time_ids(_size_pair(negative_original_size or original_size, "negative_original_size"),
+                                 _size_pair(negative_crops_coords_top_left, "negative_crops_coords_top_left"),
+                                 _size_pair(negative_target_size or target_size, "negative_target_size"),
+                                 negative_aesthetic_score)
+        sampler = self._sampler(sampler)
+        if denoising_start is None:
+            sampler.set_timesteps(num_inference_steps, strength=strength)
+        else:
+            sampler.set_timesteps(num_inference_steps)
+            T = sampler.config.num_train_timesteps
+            remaining = int((sampler.timesteps < int(round(T - denoising_start * T))).sum())
+            if sampler.order == 2 and remaining % 2 == 0:
+                remaining += 1
+            sampler.set_begin_index(len(sampler.timesteps) - remaining)
+        timesteps = sampler.timesteps
+        if len(timesteps) == 0:
+            return PipelineOutput(self.decode(init, output_type), init)
+        cond, uncond, pooled, neg_pooled = self._conditions(prompts, negative_prompt, 1, guidance_scale)
+        latents = init
+        if denoising_start is None:
+            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device, init.dtype)
+            latents = sampler.add_noise(init, noise, timesteps[:1])
+        latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale, callback,
+                               generator, added_cond=self._added_cond(pooled, neg_pooled, ids, neg_ids))
+        return PipelineOutput(self.decode(latents, output_type), latents)
+
+    def _initial_latents(self, image, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents [batch, 4, h, w] of ``image`` (latents pass through unchanged)."""
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.unet.config.out_channels:
+            init = image.to(self.device, self.unet.dtype)
+        else:
+            pixels = self._image_tensor(image)
+            self._check_size(pixels.shape[-2], pixels.shape[-1])
+            with torch.inference_mode():
+                posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype))
+                init = self.vae.scale_latents(posterior.sample(generator)).to(self.unet.dtype)
+        if init.shape[0] not in (1, batch):
+            raise ValueError(f"image holds {init.shape[0]} pictures for {batch} prompts")
+        return init.expand(batch, *init.shape[1:]) if init.shape[0] == 1 else init
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionXLPipeline":
+        """Load an SDXL base or refiner diffusers folder (``model_index.json`` names the components)."""
+        folder = Path(folder)
+        index = _read_index(folder)
+        needed = ["tokenizer_2", "text_encoder_2", "unet", "vae", "scheduler"]
+        first = index.get("text_encoder") not in (None, [None, None])
+        if first:
+            needed += ["tokenizer", "text_encoder"]
+        missing = [c for c in needed if not (folder / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks the component folder(s) {missing}")
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        return cls(tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if first else None,
+                   text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype) if first else None,
+                   tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+                   text_encoder_2=CLIPTextModel.from_pretrained(folder / "text_encoder_2", dtype=dtype),
+                   unet=UNet.from_pretrained(folder / "unet", dtype=dtype),
+                   vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype),
+                   scheduler=from_scheduler_config(scheduler_config),
+                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+                   requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+
+
+def _read_index(folder: Path) -> dict:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+    return read_json(index_path)
+
+
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def pipeline_from_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The pipeline a diffusers folder describes: SDXL (base or refiner) when its
+    model_index.json names an SDXL class or a second text encoder, SD 1.x / 2.x otherwise."""
+    index = _read_index(Path(folder))
+    if index.get("_class_name") in SDXL_CLASSES or "text_encoder_2" in index:
+        return StableDiffusionXLPipeline.from_folder(folder, dtype)
+    return StableDiffusionPipeline.from_folder(folder, dtype)
+
+
 # ---------------------------------------------------------------------- loading
 
 def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None, optimize: bool | None = None) -> StableDiffusionPipeline:
+                  device: str | torch.device | None = None, optimize: bool | None = None,
+                  prediction_type: str | None = None, vae: str | Path | None = None,
+                  config: str | Path | dict | None = None, allow_pickle: bool = False) -> StableDiffusionPipeline:
     """The shipped ShapesWorld model ("shapes"), a diffusers folder, or a single file.
 
     Nothing is downloaded: paths are local. ``optimize`` (default: on unless the
@@ -319,11 +678,12 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
     else:
         path = Path(name_or_path)
         if path.is_dir():
-            pipe = StableDiffusionPipeline.from_folder(path, dtype=dtype)
-        elif path.is_file():
-            raise NotImplementedError(
-                f"{path.name}: single-file checkpoints arrive with ministd.checkpoints (chapter 15); "
-                "convert it to a diffusers folder or load a folder for now")
+            pipe = pipeline_from_folder(path, dtype=dtype)
+        elif path.is_file():  # a single original file: ministd.checkpoints (chapter 15) reads it
+            from ministd.checkpoints import load_single_file
+
+            pipe = load_single_file(path, dtype=dtype, prediction_type=prediction_type, vae=vae,
+                                    config=config, allow_pickle=allow_pickle)
         else:
             raise FileNotFoundError(f"no model at {path}: give 'shapes', a diffusers folder "
                                     "(with model_index.json) or a .safetensors file")

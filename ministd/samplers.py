@@ -255,7 +255,8 @@ class Sampler:
         if strength is not None:
             init = min(int(N * strength), N)
             t_start = max(N - init, 0)
-        self.set_begin_index(t_start * self.order)
+        # Heun lists 2N - 1 entries: strength 0 skips past the end (nothing left, as in the reference)
+        self.set_begin_index(min(t_start * self.order, len(self._timesteps)))
 
     def set_begin_index(self, begin_index: int) -> None:
         """Start at entry ``begin_index`` of the full timestep list (img2img, refiner hand-off)."""

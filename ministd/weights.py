@@ -89,12 +89,25 @@ def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor],
 
 
 def read_json(path: str | Path) -> dict:
-    """A JSON config file as a dict, with a clear error when it is absent."""
+    """A JSON config file as a dict, with a clear error when it is absent or broken.
+
+    A file that is not valid JSON, or holds something other than an object
+    ``{...}``, raises ValueError naming the file and the place of the fault.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a JSON config file: it is not UTF-8 text ({err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+                         "expected a config object {...}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected a config object {{...}}")
+    return value
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=N -m ministd.train.unet train ...     # several GPUs (or CPU processes)
     python -m ministd.train.unet judge --out /work/runs/unet/judge.pt
     python -m ministd.train.unet export-judge --judge /work/runs/unet/judge.pt --out data/shapes_judge.safetensors
-    python -m ministd.train.unet evaluate --checkpoint /work/runs/unet/last.pt
+    python -m ministd.train.unet evaluate --checkpoint /work/runs/unet/last.pt   # or no option: the shipped model
     python -m ministd.train.unet export --checkpoint /work/runs/unet/last.pt --out data/shapes_unet.safetensors
 
 This is latent diffusion as in the LDM paper (Rombach et al. 2022, sec. 3.3):
@@ -14,7 +14,8 @@ pictures are encoded once by the frozen ShapesWorld VAE (``prepare``), and the
 U-Net learns to predict the noise added to their (scaled) latents, given the
 caption's token states from the frozen tiny CLIP text encoder (cross-attention,
 sec. 3.3 eq. 3). The objective is :func:`ministd.train.diffusion_loss` with SD's
-noise schedule (scaled_linear, 1000 steps) and epsilon prediction.
+noise schedule (scaled_linear, 1000 steps) and epsilon prediction, optionally
+weighted per timestep by min-SNR-gamma (Hang et al. 2023; ``--weighting min_snr``).
 
 Classifier-free guidance (Ho & Salimans 2022) needs one network that also
 knows the *unconditional* score: 10% of the captions are replaced by the empty
@@ -39,11 +40,16 @@ Reproducible and resumable:
 The shipped weights are the exponential moving average of the training
 weights (decay 0.999), as in DDPM and SD.
 
-Quality is measured, not eyeballed (``judge`` then ``evaluate``): a small
-attribute classifier trained on ground-truth renders (its own accuracy on
-held-out ground truth is printed, bar 99%) judges pictures generated for 200
-held-out complete captions at guidance 7.5; the bar is 85% for the object's
-colour and 85% for its shape (size, position and background are printed too).
+Quality is measured, not eyeballed: ``evaluate`` (:mod:`ministd.train.adherence`)
+generates pictures as a reader does (``load_pipeline("shapes")``, 20 steps, the
+default sampler, CFG 7.5) for held-out prompts in every caption form the
+grammar allows, reader-style short forms and held-out (colour, shape,
+background) triples (:data:`HELD_OUT_TRIPLES`, which ``prepare`` leaves out of
+training), and prints issue 15's table: colour and shape of the object (judged
+by a small attribute classifier trained on ground-truth renders, ``judge``),
+size, position and background where asked, exactly one object, palette
+cleanliness, broken pictures and two-object scenes, each beside the same figure
+for ground-truth renders of the same prompts.
 """
 
 from __future__ import annotations

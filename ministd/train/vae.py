@@ -208,6 +208,15 @@ def train(args) -> None:
         start, elapsed = state["step"], state["elapsed"]
         if rank == 0:
             print(f"resuming from step {start} ({elapsed / 60:.1f} min trained so far)")
+    elif args.init_from and str(args.init_from).endswith(".safetensors"):
+        # A further phase from shipped weights (e.g. data/shapes_vae.safetensors, float16): the
+        # float16 values are what every latent cache was encoded with, so --decoder-only keeps them
+        shipped = AutoencoderKL.load(args.init_from)
+        if {**asdict(shipped.config), "scaling_factor": 1.0} != asdict(config):   # export measures the factor
+            sys.exit(f"{args.init_from} has another model config: {asdict(shipped.config)}")
+        model.load_state_dict(shipped.state_dict())
+        if rank == 0:
+            print(f"starting from the shipped weights {args.init_from}")
     elif args.init_from:
         # A second phase: start from another run's weights with a fresh optimiser and schedule.
         state = torch.load(args.init_from, map_location="cpu", weights_only=False)
