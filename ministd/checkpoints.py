@@ -768,7 +768,7 @@ def _text_plan(tensors: _Tensors, keys: dict[str, str], family: str, name: str, 
     ``text_encoder_2`` (its rules: :data:`TEXT_ENCODERS`). Layers past the config's (SD 2.x's
     last, which it never runs) are dropped from ``keys`` and noted in ``skipped``."""
     rules = TEXT_ENCODERS[family][name]
-    where = f"{tensors.path} [{name}, {SINGLE_FILE_PREFIXES[family][name]}]"
+    where = f"{tensors.path} [{name.replace('_', ' ')}, {SINGLE_FILE_PREFIXES[family][name]}]"   # "text encoder 2"
     convert = TEXT_CONVERTERS[rules["names"]]
     meta = convert(tensors.meta(keys))
     if override is not None:

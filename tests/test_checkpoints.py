@@ -1,7 +1,7 @@
 """Single original checkpoint files: inspect, load_single_file, the bad inputs, ``ministd info``.
 
-Parity. Tiny random SD 1.x and SD 2.x pipelines are built with diffusers and
-transformers and saved as diffusers folders (the reference). The test then
+Parity. Tiny random SD 1.x, SD 2.x, SDXL base and SDXL refiner pipelines are
+built with diffusers and transformers and saved as diffusers folders (the reference). The test then
 writes each as a single file in the original CompVis layout with its *own*
 converter (below, written from the ldm / OpenCLIP module structure, not from
 ministd's key maps), checks that diffusers' own single-file loader reads that
@@ -13,11 +13,14 @@ A single file stores no config, so the tiny models follow the rules the real
 families follow and ministd relies on: SD 1.x U-Nets 8 heads, SD 2.x U-Nets
 heads 64 wide, CLIP text encoders heads 64 wide, GroupNorm in 32 groups,
 quick-GELU (SD 1.x) / GELU (SD 2.x), and the SD 2.x file one text layer more
-than the pipeline runs (SD 2.x uses the penultimate layer).
+than the pipeline runs (SD 2.x uses the penultimate layer). SDXL's likewise
+(section "SDXL" below): U-Net heads 64 wide, CLIP-L with quick-GELU and
+OpenCLIP bigG with GELU, 64-wide heads, its projection, every layer kept.
 
 Tolerance: |difference| <= 2e-5 on pixel values in [0, 1] in float32, as in
 tests/test_pipelines.py (same arithmetic in a slightly different order);
-single networks (the 9-channel U-Net) atol = rtol = 1e-5.
+single networks (the 9-channel U-Net) atol = rtol = 1e-5; the SDXL base's
+latents handed to the refiner atol 2e-5, rtol 1e-4 (as tests/test_sdxl_pipelines.py).
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ PROMPTS = ["a small red circle in the top left", "a big blue box"]
 NEGATIVE = ["blurry", ""]
 CA, D, CU, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models, many small ops: one thread is faster on a shared machine than several fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # tiny configs that follow each family's rules (module docstring)
 TINY_UNET = {
     "sd1": dict(block_out_channels=(32, 64, 64), attention_head_dim=8, cross_attention_dim=64),
@@ -62,7 +74,9 @@ PAD = {"sd1": "<|endoftext|>", "sd2": "!"}
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SDXL's added vector (pooled text + time ids): sgm's label_emb = [[Linear, SiLU, Linear]]
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def unet_to_original(sd: dict, cfg) -> dict:
@@ -132,10 +146,11 @@ def vae_to_original(sd: dict, levels: int, prefix: str = "first_stage_model.") -
     return out
 
 
-def clip_to_original(sd: dict) -> dict:
-    """transformers CLIPTextModel -> SD 1.x's ``cond_stage_model.transformer.text_model.*`` (+ position ids)."""
-    out = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in sd.items()}
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+def clip_to_original(sd: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    """transformers CLIPTextModel -> SD 1.x's ``cond_stage_model.transformer.text_model.*`` (+ position ids),
+    or SDXL's first encoder with ``prefix="conditioner.embedders.0.transformer."``."""
+    out = {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in sd.items()}
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return out
 
 
@@ -143,18 +158,21 @@ OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": 
             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
-def clip_to_openclip(sd: dict, seed: int = 7) -> dict:
+def clip_to_openclip(sd: dict, seed: int = 7, p: str = "cond_stage_model.model.", sdxl: bool = False) -> dict:
     """transformers CLIPTextModel with n layers -> SD 2.x's ``cond_stage_model.model.*`` with n + 1:
     OpenCLIP's fused q/k/v ``in_proj``, plus the last block, the text projection and the
-    temperature that SD 2.x stores and never runs (random here)."""
-    p = "cond_stage_model.model."
+    temperature that SD 2.x stores and never runs (random here).
+
+    ``sdxl``: a CLIPTextModelWithProjection -> SDXL's bigG under ``p`` (``conditioner.embedders.1.model.``,
+    the refiner's ``conditioner.embedders.0.model.``) with its n layers and its own projection, stored
+    as OpenCLIP's bare matrix P [D, P_out] used as x @ P (transformers' Linear weight transposed)."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
            p + "positional_embedding": sd["embeddings.position_embedding.weight"],
            p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
     g = torch.Generator().manual_seed(seed)
-    for i in range(layers + 1):
+    for i in range(layers + (0 if sdxl else 1)):
         src, dst = f"encoder.layers.{min(i, layers - 1)}.", f"{p}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             fused = torch.cat([sd[f"{src}self_attn.{q}_proj.{kind}"] for q in "qkv"])
@@ -163,7 +181,7 @@ def clip_to_openclip(sd: dict, seed: int = 7) -> dict:
             for name, value in block.items():
                 out[dst + name] = value if i < layers else torch.randn(value.shape, generator=g)
     width = out[p + "ln_final.weight"].shape[0]
-    out[p + "text_projection"] = torch.randn(width, width, generator=g)
+    out[p + "text_projection"] = sd["text_projection.weight"].T if sdxl else torch.randn(width, width, generator=g)
     out[p + "logit_scale"] = torch.tensor(4.6)
     return out
 
@@ -174,13 +192,23 @@ SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 def to_single_file(pipe, family: str) -> dict:
     """A whole diffusers pipeline -> one original-layout state dict, with the schedule buffers
-    released files carry."""
+    released files carry (ldm: betas, alphas_cumprod, ...; sgm, SDXL: the denoiser's sigmas)."""
     levels = len(pipe.vae.config.block_out_channels)
-    text = pipe.text_encoder.state_dict()
     out = {**unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
-           **vae_to_original(pipe.vae.state_dict(), levels),
-           **(clip_to_original(text) if family == "sd1" else clip_to_openclip(text))}
-    out.update({name: torch.linspace(0.001, 0.02, 1000) for name in SCHEDULE_BUFFERS})
+           **vae_to_original(pipe.vae.state_dict(), levels)}
+    if family == "sd1":
+        out.update(clip_to_original(pipe.text_encoder.state_dict()))
+    elif family == "sd2":
+        out.update(clip_to_openclip(pipe.text_encoder.state_dict()))
+    elif family == "sdxl_base":
+        out.update(clip_to_original(pipe.text_encoder.state_dict(), prefix="conditioner.embedders.0.transformer."))
+        out.update(clip_to_openclip(pipe.text_encoder_2.state_dict(), p="conditioner.embedders.1.model.", sdxl=True))
+    else:  # the refiner: bigG alone, first in its list of embedders
+        out.update(clip_to_openclip(pipe.text_encoder_2.state_dict(), p="conditioner.embedders.0.model.", sdxl=True))
+    if family.startswith("sdxl"):
+        out["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
+    else:
+        out.update({name: torch.linspace(0.001, 0.02, 1000) for name in SCHEDULE_BUFFERS})
     return out
 
 
@@ -201,11 +229,11 @@ def tiny_unet(family: str, in_channels: int = 4, seed: int = 0):
     return _shaken(unet)
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, **config):
     torch.manual_seed(seed)
     return _shaken(diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2,
-                                           latent_channels=4, sample_size=16))
+                                           latent_channels=4, sample_size=16, **config))
 
 
 def tiny_text_encoder(family: str, seed: int = 0):
@@ -464,14 +492,276 @@ def _sdxl_like(path, refiner: bool):
 
 
 @pytest.mark.parametrize("refiner", [False, True])
-def test_sdxl_files_are_recognised_and_refused_clearly(tmp_path, refiner):
+def test_sdxl_files_are_recognised_from_their_keys(tmp_path, refiner):
     path = _sdxl_like(tmp_path / "xl.safetensors", refiner)
     info = C.inspect(path)
     assert info.family == ("sdxl_refiner" if refiner else "sdxl_base")
     assert set(info.components) == ({"unet", "vae", "text_encoder_2"} if refiner
                                     else {"unet", "vae", "text_encoder", "text_encoder_2"})
-    with pytest.raises(ValueError, match="SDXL pipelines are not implemented"):
+    with pytest.raises(ValueError, match="missing key"):     # a few keys only: refused, naming what lacks
         C.load_single_file(path)
+
+
+# --------------------------------------------------------------------------
+# SDXL base and refiner from single files
+# --------------------------------------------------------------------------
+
+# The tiny SDXL models follow the rules a file cannot store: U-Net heads 64 wide (1 head at
+# 64 channels, 2 at 128), 32 GroupNorm groups, text encoders with 64-wide heads (CLIP-L 64
+# wide, bigG 128: the widths must differ, as 768 and 1280 do, for diffusers' loader to tell
+# them apart), quick-GELU / GELU. The Fourier width of the time ids (SDXL: 256) and the
+# pooled width (SDXL: 1280) are read off the shapes, so they shrink freely.
+XL_TIME_DIM = 8
+XL_POOLED = 32                 # bigG's projection: 128 -> 32, not square, so a transpose shows
+XL_TEXT = {"text_encoder": dict(hidden_size=64, hidden_act="quick_gelu", pad_token_id=49407),
+           "text_encoder_2": dict(hidden_size=128, hidden_act="gelu", pad_token_id=0)}
+XL_UNET = {  # real: base 320 x [1, 2, 4], attention at levels 1, 2; refiner 384 x [1, 2, 4, 4], at 1, 2
+    "sdxl_base": dict(block_out_channels=(32, 64, 128), down_block_types=(D, CA, CA), up_block_types=(CU, CU, UP),
+                      attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 1, 2],
+                      cross_attention_dim=64 + 128),
+    "sdxl_refiner": dict(block_out_channels=(32, 64, 128), down_block_types=(D, CA, D), up_block_types=(UP, CU, UP),
+                         attention_head_dim=[1, 1, 2], transformer_layers_per_block=2, cross_attention_dim=128),
+}
+XL_TIME_IDS = {"sdxl_base": 6, "sdxl_refiner": 5}
+
+
+def tiny_xl_text_encoder(name: str, seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPTextConfig(vocab_size=49408, intermediate_size=2 * XL_TEXT[name]["hidden_size"],
+                                      num_hidden_layers=2, num_attention_heads=XL_TEXT[name]["hidden_size"] // 64,
+                                      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                                      projection_dim=XL_POOLED, **XL_TEXT[name])
+    cls = transformers.CLIPTextModelWithProjection if name == "text_encoder_2" else transformers.CLIPTextModel
+    return _shaken(cls(cfg))
+
+
+def tiny_xl_unet(family: str, seed: int):
+    torch.manual_seed(seed)
+    return _shaken(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_DIM,
+        projection_class_embeddings_input_dim=XL_POOLED + XL_TIME_IDS[family] * XL_TIME_DIM, **XL_UNET[family]))
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """{"sdxl_base" / "sdxl_refiner": (reference pipeline read back from its folder, folder, file, tensors)}."""
+    root = tmp_path_factory.mktemp("sdxl")
+    toks = {}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        folder = write_hf_tokenizer_files(root / f"hf_{name}", pad_token=pad)
+        toks[name] = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                                pad_token=pad, model_max_length=77)
+    text_encoder, text_encoder_2 = tiny_xl_text_encoder("text_encoder", 1), tiny_xl_text_encoder("text_encoder_2", 2)
+    vae = tiny_vae(seed=3, scaling_factor=0.13025, force_upcast=True)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipes = {
+        "sdxl_base": diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=toks["tokenizer"],
+            tokenizer_2=toks["tokenizer_2"], unet=tiny_xl_unet("sdxl_base", 4), scheduler=scheduler,
+            force_zeros_for_empty_prompt=True),
+        "sdxl_refiner": diffusers.StableDiffusionXLImg2ImgPipeline(   # the same bigG and VAE, as released
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+            tokenizer_2=toks["tokenizer_2"], unet=tiny_xl_unet("sdxl_refiner", 5), scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False),
+    }
+    out = {}
+    for family, pipe in pipes.items():
+        pipe.save_pretrained(root / family, safe_serialization=True)
+        tensors = to_single_file(pipe, family)
+        ref = type(pipe).from_pretrained(root / family)
+        ref.set_progress_bar_config(disable=True)
+        out[family] = (ref, root / family, write(root / f"{family}.safetensors", tensors), tensors)
+    return out
+
+
+def _xl_components(family: str) -> tuple[str, ...]:
+    return ("unet", "vae", "text_encoder_2") + (("text_encoder",) if family == "sdxl_base" else ())
+
+
+@pytest.mark.parametrize("family", ["sdxl_base", "sdxl_refiner"])
+def test_the_sdxl_test_files_are_the_original_layout(xl, family):
+    """diffusers' own single-file loader reads the test's SDXL files back to the reference's weights."""
+    ref, folder, path, _ = xl[family]
+    theirs = type(ref).from_single_file(str(path), config=str(folder), local_files_only=True)
+    for name in _xl_components(family):
+        a, b = getattr(ref, name).state_dict(), getattr(theirs, name).state_dict()
+        assert sorted(a) == sorted(b), name
+        for key in a:
+            assert torch.equal(a[key], b[key].reshape(a[key].shape)), f"{name}: {key}"
+
+
+def _xl_pipe(path):
+    import ministd
+
+    pipe = ministd.load_pipeline(path)
+    pipe.progress_bar = False
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sdxl_base", "sdxl_refiner"])
+def test_sdxl_files_load_with_the_family_rules(xl, family):
+    from ministd.pipelines import StableDiffusionXLPipeline
+
+    ref, folder, path, tensors = xl[family]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # nothing to guess for SDXL: no warning
+        pipe = _xl_pipe(path)
+    assert type(pipe) is StableDiffusionXLPipeline
+    assert pipe.is_refiner == pipe.requires_aesthetics_score == (family == "sdxl_refiner")
+    assert pipe.force_zeros_for_empty_prompt == (family == "sdxl_base") == ref.config.force_zeros_for_empty_prompt
+    assert pipe.tokenizer_2.pad_token == "!"
+    if family == "sdxl_base":
+        assert pipe.tokenizer.pad_token == "<|endoftext|>"
+        assert pipe.text_encoder.config.hidden_act == "quick_gelu" and pipe.text_encoder.text_projection is None
+    else:
+        assert pipe.tokenizer is None and pipe.text_encoder is None
+    te2 = pipe.text_encoder_2.config
+    assert (te2.hidden_act, te2.num_layers, te2.num_heads, te2.projection_dim) == ("gelu", 2, 2, XL_POOLED)
+    unet = pipe.unet.config
+    assert (unet.head_dim, unet.upcast_attention, unet.addition_time_embed_dim) == (64, False, XL_TIME_DIM)
+    assert unet.sample_size == 128                                  # SDXL's 1024-pixel default
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.force_upcast) == (0.13025, True)
+    assert pipe.scheduler.name == "euler"
+    for key in ("timestep_spacing", "steps_offset", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert getattr(pipe.scheduler.config, key) == ref.scheduler.config[key], key
+    # the pooled text: bigG's last layer, final LN, projection (text.py's own single-file loader agrees)
+    from ministd.text import CLIPTextModel
+
+    prefix = C.SINGLE_FILE_PREFIXES[family]["text_encoder_2"]
+    alone = CLIPTextModel.from_single_file(tensors, prefix).eval()
+    ids = torch.tensor(ref.tokenizer_2(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids)
+    with torch.no_grad():
+        expected = ref.text_encoder_2(ids, output_hidden_states=True)
+        got, got_alone = pipe.text_encoder_2(ids), alone(ids)
+    torch.testing.assert_close(got.pooled, expected.text_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_alone.pooled, expected.text_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.hidden_states[-2], expected.hidden_states[-2], atol=1e-5, rtol=1e-5)
+    # config= a folder: its configs and tokenizers instead of the rules (same network here)
+    by_folder = C.load_single_file(path, config=folder)
+    assert type(by_folder) is StableDiffusionXLPipeline
+    a, b = by_folder.unet, pipe.unet
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert [a.config.heads_at(i) for i in (1, 2)] == [b.config.heads_at(i) for i in (1, 2)]
+    assert a.config.addition_time_embed_dim == XL_TIME_DIM
+    assert by_folder.text_encoder_2.config.eos_token_id == 49407          # the folder's, not the rule's
+    # float16: every weight read as float16 but the VAE decoder, kept in float32 (SDXL's VAE overflows)
+    half = C.load_single_file(path, dtype=torch.float16)
+    assert {p.dtype for p in half.unet.parameters()} == {p.dtype for p in half.text_encoder_2.parameters()} \
+        == {torch.float16}
+    assert {p.dtype for p in half.vae.decoder.parameters()} == {torch.float32}
+
+
+def test_sdxl_scheduler_is_diffusers_single_file_default():
+    """What diffusers 0.42 builds for an SDXL file without a config (single_file_utils: Euler over
+    SCHEDULER_DEFAULT_CONFIG), and what the base and refiner folders ship."""
+    from diffusers.loaders.single_file_utils import SCHEDULER_DEFAULT_CONFIG
+
+    import inspect
+
+    fields = set(inspect.signature(diffusers.EulerDiscreteScheduler.__init__).parameters) - {"self"}
+
+    def euler(config):
+        return {k: v for k, v in diffusers.EulerDiscreteScheduler.from_config(config).config.items() if k in fields}
+
+    for family in ("sdxl_base", "sdxl_refiner"):
+        assert C.SCHEDULERS[family]["_class_name"] == "EulerDiscreteScheduler"
+        assert euler(C.SCHEDULERS[family]) == euler(SCHEDULER_DEFAULT_CONFIG)
+        assert C.SCHEDULERS[family]["timestep_spacing"] == "leading" and C.SCHEDULERS[family]["steps_offset"] == 1
+
+
+@pytest.mark.parametrize("negative", [None, ["blurry", ""]], ids=["zeroed-negative", "negative-prompt"])
+def test_sdxl_base_txt2img_from_a_single_file_matches_diffusers(xl, negative):
+    ref, folder, path, _ = xl["sdxl_base"]
+    ours = _xl_pipe(path)
+    kwargs = dict(num_inference_steps=5, guidance_scale=6.0, height=16, width=16, output_type="np")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = ref(PROMPTS, negative_prompt=negative, latents=latents.clone(), **kwargs).images
+    got = np.stack(ours.txt2img(PROMPTS, negative_prompt=negative, latents=latents.clone(), **kwargs).images)
+    assert got.shape == expected.shape == (2, 16, 16, 3)
+    assert np.abs(got - expected).max() <= ATOL, np.abs(got - expected).max()
+    other = np.stack(ours.txt2img(PROMPTS, negative_prompt=["a green triangle"] * 2, latents=latents.clone(),
+                                  **kwargs).images)
+    assert np.abs(other - expected).max() > 100 * ATOL
+
+
+def test_sdxl_base_to_refiner_hand_off_from_single_files(xl):
+    ref_base, _, base_path, _ = xl["sdxl_base"]
+    ref_refiner, _, refiner_path, _ = xl["sdxl_refiner"]
+    base, refiner = _xl_pipe(base_path), _xl_pipe(refiner_path)
+    common = dict(num_inference_steps=6, guidance_scale=5.0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref_latents = ref_base(PROMPTS, latents=latents.clone(), denoising_end=0.8, output_type="latent", height=16,
+                           width=16, **common).images
+    our_latents = base.txt2img(PROMPTS, latents=latents.clone(), denoising_end=0.8, output_type="latent", height=16,
+                               width=16, **common).latents
+    torch.testing.assert_close(our_latents, ref_latents, atol=2e-5, rtol=1e-4)
+    expected = ref_refiner(PROMPTS, image=ref_latents, denoising_start=0.8, output_type="np", aesthetic_score=7.0,
+                           negative_aesthetic_score=2.0, **common).images
+    got = np.stack(refiner.img2img(PROMPTS, our_latents, denoising_start=0.8, output_type="np", aesthetic_score=7.0,
+                                   negative_aesthetic_score=2.0, **common).images)
+    assert np.abs(got - expected).max() <= ATOL, np.abs(got - expected).max()
+    other = np.stack(refiner.img2img(PROMPTS, our_latents, denoising_start=0.8, output_type="np",
+                                     aesthetic_score=1.0, negative_aesthetic_score=9.0, **common).images)
+    assert np.abs(other - expected).max() > 5 * ATOL    # the scores reach the U-Net (1.4e-4: small, 8 features)
+    other = np.stack(refiner.img2img(["a green triangle"] * 2, our_latents, denoising_start=0.8, output_type="np",
+                                     aesthetic_score=7.0, negative_aesthetic_score=2.0, **common).images)
+    assert np.abs(other - expected).max() > 10 * ATOL   # and so does its text (4.5e-4: 2 of 6 steps run)
+    unrefined = np.stack(refiner.decode(our_latents, "np"))
+    assert np.abs(unrefined - expected).max() > 100 * ATOL   # the refiner's steps do run
+
+
+@pytest.mark.parametrize("family", ["sdxl_base", "sdxl_refiner"])
+def test_inspect_an_sdxl_file(xl, family):
+    ref, folder, path, tensors = xl[family]
+    info = C.inspect(path)
+    assert (info.family, info.layout, info.in_channels, info.unknown) == (family, "single file", 4, [])
+    counts = {name: sum(p.numel() for p in getattr(ref, name).parameters()) for name in _xl_components(family)}
+    assert {n: c.parameters for n, c in info.components.items()} == counts
+    assert sum(info.skipped.values()) == 2 + (family == "sdxl_base")    # sigmas, logit_scale (+ position ids)
+    assert C.inspect(folder).family == family
+    out = _cli("info", path)
+    assert out.returncode == 0, out.stderr
+    assert C.FAMILY_NAMES[family] in out.stdout and f"{counts['text_encoder_2']:,}" in out.stdout
+    assert "conditioner.embedders" in out.stdout and "logit_scale" not in out.stdout
+
+
+def test_family_arguments_are_refused_clearly(xl, sd1):
+    """SDXL-only arguments to an SD 1.x pipeline fail (TypeError, naming the argument); SD-only use
+    of SDXL pipelines the reverse: txt2img on a refiner, inpaint on SDXL."""
+    sd = C.load_single_file(sd1[2])
+    for argument in (dict(original_size=(16, 16)), dict(target_size=(16, 16)), dict(denoising_end=0.8)):
+        with pytest.raises(TypeError, match=next(iter(argument))):
+            sd.txt2img("a red circle", num_inference_steps=1, height=16, width=16, **argument)
+    image = torch.zeros(1, 3, 16, 16)
+    for argument in (dict(denoising_start=0.8), dict(aesthetic_score=6.0)):
+        with pytest.raises(TypeError, match=next(iter(argument))):
+            sd.img2img("a red circle", image, num_inference_steps=1, **argument)
+    refiner = _xl_pipe(xl["sdxl_refiner"][2])
+    with pytest.raises(ValueError, match="use img2img"):
+        refiner.txt2img("a red circle", height=16, width=16)
+    base = _xl_pipe(xl["sdxl_base"][2])
+    with pytest.raises(NotImplementedError, match="SDXL"):
+        base.inpaint("a red circle", image, torch.ones(1, 1, 16, 16))
+
+
+def test_bad_sdxl_files(xl, tmp_path, monkeypatch):
+    """An SDXL inpainting file (not loadable yet) and networks of different models in one file are
+    refused before any weight is read, naming the file."""
+    _, _, base_path, base = xl["sdxl_base"]
+    _, _, _, refiner = xl["sdxl_refiner"]
+    nine = write(tmp_path / "xl_inpaint.safetensors", {**base, C.UNET_MARKER: torch.zeros(32, 9, 3, 3)})
+    assert C.inspect(nine).inpainting
+    unet = {k: v for k, v in refiner.items() if k.startswith("model.diffusion_model.")}
+    mixed = write(tmp_path / "mixed.safetensors", {**{k: v for k, v in base.items()
+                                                     if not k.startswith("model.diffusion_model.")}, **unet})
+    monkeypatch.setattr(C._Tensors, "load", lambda *a, **k: pytest.fail("tensors were read"))
+    for path, message in [(nine, "SDXL inpainting checkpoint"),
+                          (mixed, "added vector is 72 wide, which is not the 32-wide pooled text plus 6")]:
+        with pytest.raises(ValueError, match=message) as err:
+            C.load_single_file(path)
+        assert str(path) in str(err.value)
 
 
 # --------------------------------------------------------------------------
@@ -618,7 +908,7 @@ def test_cli_info(sd1, tmp_path):
                             (tmp_path / "nowhere", "no checkpoint at"),
                             (_sdxl_like(tmp_path / "xl.safetensors", False), None)]:
         out = _cli("info", target)
-        if message is None:                     # SDXL: described, even if not loadable yet
+        if message is None:                     # SDXL: described from the keys alone
             assert out.returncode == 0 and "SDXL base" in out.stdout
             continue
         assert out.returncode == 2 and message in out.stderr, out.stderr
