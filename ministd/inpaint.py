@@ -242,7 +242,7 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
                     negative_prompt=None, strength: float = 1.0, num_inference_steps: int = 20,
                     guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler=None,
                     generator: torch.Generator | None = None, callback: Callable | None = None,
-                    blend_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    blend_mask: torch.Tensor | None = None, text_options: dict | None = None) -> torch.Tensor:
     """Run the inpainting chain; return the final scaled latents [B, 4, h, w].
 
     pixels [1 or B, 3, H, W] in [-1, 1]; mask [1 or B, 1, H, W] binary (1 =
@@ -250,14 +250,15 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
     the 4-channel latent blend instead of the binary one, area-averaged to latent
     size. Random draws from ``generator`` in the reference's order, so a seed gives
     diffusers' picture: VAE sample of the image (4-channel models, or strength < 1),
-    the starting noise, then the VAE sample of the masked image.
+    the starting noise, then the VAE sample of the masked image. ``text_options``:
+    ``clip_skip`` / ``long_prompts`` / ``emphasis`` for the prompts (:mod:`ministd.prompts`).
     """
     prompts = _prompt_list(prompt, "prompt")
     batch = len(prompts)
     sampler = pipe._sampler(sampler)
     sampler.set_timesteps(num_inference_steps, strength=strength)
     timesteps = sampler.timesteps
-    cond, uncond = pipe._conditions(prompts, negative_prompt, 1, guidance_scale)
+    cond, uncond = pipe._conditions(prompts, negative_prompt, 1, guidance_scale, **(text_options or {}))
     nine = pipe.unet.config.in_channels == 9
     f = pipe.vae.downsampling_factor
     size = (pixels.shape[-2] // f, pixels.shape[-1] // f)
@@ -311,14 +312,15 @@ def inpaint(pipe: StableDiffusionPipeline, prompt: str | Sequence[str], image, m
             output_type: str = "pil", generator: torch.Generator | None = None,
             padding_mask_crop: int | None = None, paste_back: bool = False, mask_blur: float = 0.0,
             mask_dilate: int = 0, height: int | None = None, width: int | None = None,
-            guidance_rescale: float = 0.0) -> PipelineOutput:
+            guidance_rescale: float = 0.0, text_options: dict | None = None) -> PipelineOutput:
     """Repaint ``image`` where ``mask_image`` is white; see the module docstring and
     :meth:`ministd.pipelines.StableDiffusionPipeline.inpaint` for the arguments."""
     _check_call(pipe, strength, num_inference_steps, output_type, seed, paste_back, padding_mask_crop)
     generator = generator or _seeded_generator(seed)
     run = dict(prompt=prompt, negative_prompt=negative_prompt, strength=float(strength),
                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               guidance_rescale=guidance_rescale, sampler=sampler, generator=generator, callback=callback)
+               guidance_rescale=guidance_rescale, sampler=sampler, generator=generator, callback=callback,
+               text_options=text_options)
     if padding_mask_crop is not None:
         return _inpaint_crop(pipe, image, mask_image, padding_mask_crop, height, width, mask_dilate, mask_blur,
                              output_type, run)

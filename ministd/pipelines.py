@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ministd import speed
 from ministd.data import pil_to_tensor
 from ministd.guidance import check_guidance_scale, guided_noise_prediction
+from ministd.prompts import chunks_needed, encode_text
 from ministd.samplers import Sampler, from_scheduler_config, make_sampler
 from ministd.text import CLIPTextModel
 from ministd.tokenizer import CLIPTokenizer
@@ -51,6 +53,20 @@ class PipelineOutput:
 
     images: list
     latents: torch.Tensor
+
+
+def _warn_truncated(prompts: Sequence[str], truncated: Sequence[str]) -> None:
+    """The reference's truncation warning, with the way out, shown at the reader's line."""
+    level, frame = 1, sys._getframe(0)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("ministd", "torch"):
+        frame, level = frame.f_back, level + 1
+    for prompt, lost in zip(prompts, truncated):
+        if lost:
+            head = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            tail = lost if len(lost) <= 60 else lost[:60] + "..."
+            warnings.warn(f"prompt {head!r} is longer than CLIP's 75 tokens: the end was dropped, as the "
+                          f"reference does ({tail!r}); pass long_prompts=True to encode it in 75-token "
+                          "windows, as the web UIs do", stacklevel=level)
 
 
 def _prompt_list(prompt, name: str) -> list[str]:
@@ -81,7 +97,11 @@ class StableDiffusionPipeline:
 
     Components keep the reference names: ``tokenizer``, ``text_encoder``,
     ``unet``, ``vae``, ``scheduler`` (a :class:`ministd.samplers.Sampler`).
-    ``clip_skip`` picks an earlier text-encoder layer (0 = last, as SD 1.x).
+    ``clip_skip`` picks an earlier text-encoder layer (0 = last, as SD 1.x), the
+    default of every call's ``clip_skip=`` (diffusers' count: the UIs' "clip skip
+    2" is ``clip_skip=1``). Every call also takes ``long_prompts=True`` (prompts
+    over 75 tokens in 75-token windows, as the web UIs) and ``emphasis=True``
+    (``(word:1.2)``, ``(word)``, ``[word]``); see :mod:`ministd.prompts`.
     """
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet,
@@ -133,11 +153,45 @@ class StableDiffusionPipeline:
 
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> text states [B, 77, D] (the U-Net's ``encoder_hidden_states``)."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True).input_ids.to(self.device)
-        return self.text_encoder(ids, clip_skip=self.clip_skip).last_hidden_state
+    def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None, long_prompts: bool = False,
+                      emphasis: bool = False, num_chunks: int | None = None) -> torch.Tensor:
+        """Prompts -> text states [B, 77, D] (the U-Net's ``encoder_hidden_states``).
+
+        By default as the reference: at most 75 tokens, the rest cut off with a
+        warning. ``long_prompts``: [B, N * 77, D] (at least ``num_chunks``
+        windows); ``emphasis``: the ``(word:1.2)`` syntax; ``clip_skip`` None:
+        ``self.clip_skip``. See :mod:`ministd.prompts`.
+        """
+        prompts = list(prompts)
+        clip_skip = self._check_text_options(clip_skip, long_prompts, emphasis)
+        enc = encode_text(self.tokenizer, self.text_encoder, prompts, clip_skip=clip_skip,
+                          long_prompts=long_prompts, emphasis=emphasis, num_chunks=num_chunks, device=self.device)
+        _warn_truncated(prompts, enc.truncated)
+        return enc.states
+
+    def _text_layers(self) -> int:
+        """How many layers ``clip_skip`` may skip, plus one."""
+        return self.text_encoder.config.num_layers
+
+    def _check_text_options(self, clip_skip, long_prompts, emphasis) -> int:
+        """The clip skip to use (the pipeline's own when None), after checking all three options."""
+        clip_skip = self.clip_skip if clip_skip is None else clip_skip
+        layers = self._text_layers()
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) \
+                or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}] for this text encoder (0 = the "
+                             f"model's usual layer; the web UIs' 'clip skip N' is N - 1), got {clip_skip!r}")
+        for name, value in (("long_prompts", long_prompts), ("emphasis", emphasis)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        return int(clip_skip)
+
+    def _chunks(self, texts: list[str], long_prompts: bool, emphasis: bool) -> int | None:
+        """With long prompts: the window count that fits every text (prompt and negative alike)."""
+        if not long_prompts:
+            return None
+        tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+        return chunks_needed(tokenizer, texts, emphasis)
 
     # --------------------------------------------------------------- checks
     def _check_size(self, height, width) -> tuple[int, int]:
@@ -167,7 +221,8 @@ class StableDiffusionPipeline:
             return make_sampler(sampler, config=self.scheduler.config)
         raise ValueError(f"sampler must be a sampler name or a Sampler, got {type(sampler).__name__}")
 
-    def _conditions(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale):
+    def _conditions(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip=None,
+                    long_prompts=False, emphasis=False):
         prompts = _prompt_list(prompt, "prompt")
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -179,10 +234,13 @@ class StableDiffusionPipeline:
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
         check_guidance_scale(guidance_scale)
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images_per_prompt, dim=0)
+        self._check_text_options(clip_skip, long_prompts, emphasis)
+        options = dict(clip_skip=clip_skip, long_prompts=long_prompts, emphasis=emphasis,
+                       num_chunks=self._chunks(prompts + negatives, long_prompts, emphasis))
+        cond = self.encode_prompt(prompts, **options).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = None
         if guidance_scale != 1.0:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images_per_prompt, dim=0)
+            uncond = self.encode_prompt(negatives, **options).repeat_interleave(num_images_per_prompt, dim=0)
         return cond, uncond
 
     # ----------------------------------------------------------------- loop
@@ -194,7 +252,8 @@ class StableDiffusionPipeline:
         """The reverse process: run ``sampler`` over its timesteps with guidance.
 
         latents [B, C, h, w] already scaled for the first step; cond/uncond
-        [B, 77, D]. ``callback(step, t, latents, x0_pred)`` sees every step.
+        [B, 77, D] ([B, N * 77, D] with long prompts). ``callback(step, t, latents,
+        x0_pred)`` sees every step.
         ``added_cond``: SDXL's extra U-Net inputs, stacked [uncond, cond] along
         the batch when guidance runs both branches.
         """
@@ -230,7 +289,8 @@ class StableDiffusionPipeline:
                 width: int | None = None, seed: int | None = None, latents: torch.Tensor | None = None,
                 sampler: str | Sampler | None = None, callback: Callable | None = None,
                 output_type: str = "pil", num_images_per_prompt: int = 1, guidance_rescale: float = 0.0,
-                generator: torch.Generator | None = None) -> PipelineOutput:
+                generator: torch.Generator | None = None, clip_skip: int | None = None, long_prompts: bool = False,
+                emphasis: bool = False) -> PipelineOutput:
         """Draw pictures for ``prompt``.
 
         ``seed`` draws the initial latents as
@@ -238,6 +298,9 @@ class StableDiffusionPipeline:
         (float32 on the CPU, then moved), as the reference does; ``latents``
         overrides it. ``generator`` (for ancestral samplers' noise) defaults
         to the seed's generator, continued after the initial draw.
+        ``clip_skip`` (None: ``self.clip_skip``; the UIs' "clip skip 2" is 1),
+        ``long_prompts`` and ``emphasis``: how the prompts are read, see
+        :mod:`ministd.prompts`.
         """
         if self.unet.config.in_channels == 9:
             raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
@@ -255,7 +318,8 @@ class StableDiffusionPipeline:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         else:
             latents = self._check_latents(latents, shape)
-        cond, uncond = self._conditions(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        cond, uncond = self._conditions(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                        clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale,
                                callback, generator)
@@ -268,7 +332,8 @@ class StableDiffusionPipeline:
                 negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 20,
                 guidance_scale: float = 7.5, seed: int | None = None, sampler: str | Sampler | None = None,
                 callback: Callable | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
-                generator: torch.Generator | None = None) -> PipelineOutput:
+                generator: torch.Generator | None = None, clip_skip: int | None = None, long_prompts: bool = False,
+                emphasis: bool = False) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise ``image`` part-way, then denoise towards ``prompt``.
 
         ``strength`` in [0, 1] is the fraction of the schedule that is run, as in
@@ -280,6 +345,7 @@ class StableDiffusionPipeline:
         timestep instead, which keeps sqrt(alpha_bar) ~ 8% of it with "leading"
         spacing). ``image``: a PIL image or a [B, 3, H, W] tensor in [-1, 1];
         the VAE encodes it to a posterior sample drawn from the seed's generator.
+        ``clip_skip``, ``long_prompts``, ``emphasis``: as in txt2img.
         """
         if self.unet.config.in_channels == 9:
             raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
@@ -295,7 +361,8 @@ class StableDiffusionPipeline:
         prompts = _prompt_list(prompt, "prompt")
         if pixels.shape[0] not in (1, len(prompts)):
             raise ValueError(f"image holds {pixels.shape[0]} pictures for {len(prompts)} prompts")
-        cond, uncond = self._conditions(prompts, negative_prompt, 1, guidance_scale)
+        cond, uncond = self._conditions(prompts, negative_prompt, 1, guidance_scale, clip_skip, long_prompts,
+                                        emphasis)
         generator = generator or _seeded_generator(seed)
         with torch.inference_mode():
             posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype))
@@ -323,7 +390,8 @@ class StableDiffusionPipeline:
                 generator: torch.Generator | None = None, padding_mask_crop: int | None = None,
                 paste_back: bool = False, mask_blur: float = 0.0, mask_dilate: int = 0,
                 height: int | None = None, width: int | None = None,
-                guidance_rescale: float = 0.0) -> PipelineOutput:
+                guidance_rescale: float = 0.0, clip_skip: int | None = None, long_prompts: bool = False,
+                emphasis: bool = False) -> PipelineOutput:
         """Repaint ``image`` where ``mask_image`` is white, keep it where black (chapter 12).
 
         A 4-channel U-Net inpaints by latent blending, a 9-channel inpainting U-Net
@@ -339,14 +407,18 @@ class StableDiffusionPipeline:
         - paste_back: copy the input's unmasked pixels over the decoded result.
         - mask_dilate: grow the mask by this many pixels; mask_blur: feather it
           (Gaussian sigma in pixels) for a soft latent blend and a soft paste-back.
+        - clip_skip, long_prompts, emphasis: as in txt2img.
         """
         from ministd.inpaint import inpaint
+
+        self._check_text_options(clip_skip, long_prompts, emphasis)
 
         return inpaint(self, prompt, image, mask_image, strength=strength, negative_prompt=negative_prompt,
                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                        sampler=sampler, callback=callback, output_type=output_type, generator=generator,
                        padding_mask_crop=padding_mask_crop, paste_back=paste_back, mask_blur=mask_blur,
-                       mask_dilate=mask_dilate, height=height, width=width, guidance_rescale=guidance_rescale)
+                       mask_dilate=mask_dilate, height=height, width=width, guidance_rescale=guidance_rescale,
+                       text_options=dict(clip_skip=clip_skip, long_prompts=long_prompts, emphasis=emphasis))
 
     def _image_tensor(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image):
@@ -426,21 +498,39 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (text states [B, 77, D1 + D2] or [B, 77, D2], pooled [B, P] of the second encoder)."""
-        states, pooled = [], None
+    def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None, long_prompts: bool = False,
+                      emphasis: bool = False, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (text states [B, 77, D1 + D2] or [B, 77, D2], pooled [B, P] of the second encoder).
+
+        ``clip_skip`` counts layers beyond the penultimate one SDXL always takes
+        (diffusers' count); ``long_prompts`` gives [B, N * 77, ...] with the same
+        N for both encoders, the pooled vector of the first window; ``emphasis``
+        weights each encoder's states. See :mod:`ministd.prompts`.
+        """
+        prompts = list(prompts)
+        clip_skip = self._check_text_options(clip_skip, long_prompts, emphasis)
+        if long_prompts:
+            num_chunks = max(num_chunks or 1, self._chunks(prompts, long_prompts, emphasis))
+        states, pooled, truncated = [], None, None
         pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         for tokenizer, encoder in pairs:
             if encoder is None:
                 continue
-            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True).input_ids.to(self.device)
-            out = encoder(ids, clip_skip=1 + self.clip_skip, final_layer_norm=False)
-            states.append(out.last_hidden_state)
-            pooled = out.pooled
+            enc = encode_text(tokenizer, encoder, prompts, clip_skip=1 + clip_skip, final_layer_norm=False,
+                              long_prompts=long_prompts, emphasis=emphasis, num_chunks=num_chunks,
+                              device=self.device)
+            states.append(enc.states)
+            pooled = enc.pooled
+            truncated = truncated or enc.truncated
+        _warn_truncated(prompts, truncated)
         return torch.cat(states, dim=-1), pooled
 
-    def _conditions(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale):
+    def _text_layers(self) -> int:
+        # SDXL reads the penultimate layer at clip_skip=0: one layer fewer to skip
+        return min(e.config.num_layers for e in (self.text_encoder, self.text_encoder_2) if e is not None) - 1
+
+    def _conditions(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip=None,
+                    long_prompts=False, emphasis=False):
         """(cond, uncond, pooled, negative pooled): uncond / negative pooled None without guidance."""
         prompts = _prompt_list(prompt, "prompt")
         if negative_prompt is not None:
@@ -451,14 +541,17 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
         check_guidance_scale(guidance_scale)
+        self._check_text_options(clip_skip, long_prompts, emphasis)
+        negatives = negatives if negative_prompt is not None else [""] * len(prompts)
+        options = dict(clip_skip=clip_skip, long_prompts=long_prompts, emphasis=emphasis,
+                       num_chunks=self._chunks(prompts + negatives, long_prompts, emphasis))
         n = num_images_per_prompt
-        cond, pooled = (x.repeat_interleave(n, dim=0) for x in self.encode_prompt(prompts))
+        cond, pooled = (x.repeat_interleave(n, dim=0) for x in self.encode_prompt(prompts, **options))
         if guidance_scale == 1.0:
             return cond, None, pooled, None
         if negative_prompt is None and self.force_zeros_for_empty_prompt:
             return cond, torch.zeros_like(cond), pooled, torch.zeros_like(pooled)
-        uncond, neg_pooled = (x.repeat_interleave(n, dim=0)
-                              for x in self.encode_prompt(negatives if negative_prompt is not None else [""] * len(prompts)))
+        uncond, neg_pooled = (x.repeat_interleave(n, dim=0) for x in self.encode_prompt(negatives, **options))
         return cond, uncond, pooled, neg_pooled
 
     def _added_cond(self, pooled, neg_pooled, ids: list[float], neg_ids: list[float]) -> dict:
@@ -486,12 +579,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_original_size: tuple[int, int] | None = None,
                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                 negative_target_size: tuple[int, int] | None = None,
-                denoising_end: float | None = None) -> PipelineOutput:
+                denoising_end: float | None = None, clip_skip: int | None = None, long_prompts: bool = False,
+                emphasis: bool = False) -> PipelineOutput:
         """SDXL base text-to-image. The size conditions default to the picture's own size
         (height, width) and no crop, as the reference does; the ``negative_*`` forms apply
         when both negative sizes are given (otherwise the positive ones are repeated, as in
         the reference). ``denoising_end`` in (0, 1) stops after the steps whose
-        timestep is >= round(T - denoising_end * T) (hand the rest to the refiner)."""
+        timestep is >= round(T - denoising_end * T) (hand the rest to the refiner).
+        ``clip_skip``, ``long_prompts``, ``emphasis``: see :meth:`encode_prompt`."""
         if self.is_refiner:
             raise ValueError("this is an SDXL refiner: it only continues pictures; use img2img(prompt, image "
                              "or latents, denoising_start=...) instead of txt2img")
@@ -530,7 +625,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         else:
             latents = self._check_latents(latents, shape)
         cond, uncond, pooled, neg_pooled = self._conditions(prompt, negative_prompt, num_images_per_prompt,
-                                                            guidance_scale)
+                                                            guidance_scale, clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale, callback,
                                generator, timesteps=timesteps,
@@ -550,7 +645,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_original_size: tuple[int, int] | None = None,
                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                 negative_target_size: tuple[int, int] | None = None,
-                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> PipelineOutput:
+                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                clip_skip: int | None = None, long_prompts: bool = False, emphasis: bool = False) -> PipelineOutput:
         """SDEdit with SDXL's conditions, or the refiner's hand-off.
 
         ``image``: a picture (PIL or [B, 3, H, W] in [-1, 1]), or latents [B, 4, h, w]
@@ -558,7 +654,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         ``denoising_start`` in (0, 1) replaces ``strength``: run only the steps whose
         timestep is < round(T - denoising_start * T) (one more for 2nd-order samplers
         when the count is even, as the reference does), and add no noise: the input
-        is already at that noise level.
+        is already at that noise level. ``clip_skip``, ``long_prompts``, ``emphasis``:
+        see :meth:`encode_prompt`.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -569,6 +666,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         _check_seed(seed)
+        self._check_text_options(clip_skip, long_prompts, emphasis)
         prompts = _prompt_list(prompt, "prompt")
         generator = generator or _seeded_generator(seed)
         init = self._initial_latents(image, len(prompts), generator)
@@ -595,7 +693,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         timesteps = sampler.timesteps
         if len(timesteps) == 0:
             return PipelineOutput(self.decode(init, output_type), init)
-        cond, uncond, pooled, neg_pooled = self._conditions(prompts, negative_prompt, 1, guidance_scale)
+        cond, uncond, pooled, neg_pooled = self._conditions(prompts, negative_prompt, 1, guidance_scale, clip_skip,
+                                                            long_prompts, emphasis)
         latents = init
         if denoising_start is None:
             noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device, init.dtype)

@@ -386,7 +386,7 @@ class CLIPTokenizer:
     # ------------------------------------------------------------- batching
     def __call__(self, text, padding: bool | str = "max_length", max_length: int | None = None,
                  truncation: bool = True, chunked: bool = False,
-                 return_tensors: str = "pt") -> Encoding:
+                 return_tensors: str = "pt", num_chunks: int | None = None) -> Encoding:
         """Tokenize one prompt or a list of prompts into a batch.
 
         Args:
@@ -403,28 +403,54 @@ class CLIPTokenizer:
                 any prompt needs; shorter prompts get extra empty chunks).
                 Encode each chunk and concatenate the hidden states
                 (:func:`ministd.text.encode_chunked`).
+            num_chunks: chunked mode only: at least this many chunks (empty ones
+                appended), so that a prompt and its negative prompt get the same
+                count, as classifier-free guidance needs.
 
         Returns:
             :class:`Encoding` with ``input_ids`` and ``attention_mask``.
         """
         if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}")
-        if padding is True:
-            padding = "longest"
-        if padding not in ("max_length", "longest", False):
-            raise ValueError(f"padding must be 'max_length', 'longest' or False, got {padding!r}")
         prompts = [text] if isinstance(text, str) else text
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
         if len(prompts) == 0:
             raise ValueError("text is an empty list: give at least one prompt")
-        max_length = self.model_max_length if max_length is None else max_length
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}")
+        self._check_framing(padding, max_length, num_chunks)
         bodies = [self.encode(p, add_special_tokens=False) for p in prompts]
+        return self.from_ids(bodies, padding=padding, max_length=max_length, truncation=truncation,
+                             chunked=chunked, num_chunks=num_chunks, _stacklevel=3)
+
+    def _check_framing(self, padding, max_length, num_chunks) -> None:
+        if padding not in ("max_length", "longest", False, True):
+            raise ValueError(f"padding must be 'max_length', 'longest' or False, got {padding!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}")
+        if num_chunks is not None and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int)
+                                       or num_chunks < 1):
+            raise ValueError(f"num_chunks must be a positive int or None, got {num_chunks!r}")
+
+    def from_ids(self, bodies: list[list[int]], padding: bool | str = "max_length", max_length: int | None = None,
+                 truncation: bool = True, chunked: bool = False, num_chunks: int | None = None,
+                 warn: bool = True, _stacklevel: int = 2) -> Encoding:
+        """Frame, truncate or chunk, and pad rows of token ids exactly as ``__call__`` does text.
+
+        ``bodies``: one list of ids per prompt, without BOS/EOS (what
+        ``encode(text, add_special_tokens=False)`` gives, or pieces put together
+        by hand, as the emphasis parser of :mod:`ministd.prompts` does).
+        ``warn=False`` leaves the truncation warning to the caller
+        (``num_truncated`` says what was cut).
+        """
+        self._check_framing(padding, max_length, num_chunks)
+        if not isinstance(bodies, (list, tuple)) or not bodies:
+            raise ValueError("bodies must be a non-empty list of lists of token ids (one per prompt)")
+        if padding is True:
+            padding = "longest"
+        max_length = self.model_max_length if max_length is None else max_length
         room = max_length - 2
         if chunked:
-            return self._chunked(bodies, max_length)
+            return self._chunked(bodies, max_length, num_chunks or 1)
 
         rows, dropped = [], []
         for i, body in enumerate(bodies):
@@ -433,15 +459,14 @@ class CLIPTokenizer:
                     raise ValueError(f"prompt {i} has {len(body) + 2} tokens, more than max_length="
                                      f"{max_length}; use truncation=True or chunked=True")
                 dropped.append(len(body) - room)
-                body = body[:room]
             else:
                 dropped.append(0)
-            rows.append([self.bos_token_id, *body, self.eos_token_id])
+            rows.append([self.bos_token_id, *body[:room], self.eos_token_id])
         for i, n in enumerate(dropped):
-            if n:
-                lost = self.decode([self.encoder[p] for p in self.tokenize(prompts[i])][room:])
+            if n and warn:
+                lost = self.decode(bodies[i][room:])
                 warnings.warn(f"prompt {i} is longer than CLIP's {max_length}-token context: "
-                              f"{n} token(s) were dropped: {lost!r}", stacklevel=2)
+                              f"{n} token(s) were dropped: {lost!r}", stacklevel=_stacklevel)
         length = max_length if padding == "max_length" else max(len(r) for r in rows)
         if padding is False and len({len(r) for r in rows}) > 1:
             raise ValueError("prompts have different token counts; use padding='max_length' or 'longest'")
@@ -456,9 +481,14 @@ class CLIPTokenizer:
             mask[i, :len(row)] = 1
         return ids, mask
 
-    def _chunked(self, bodies: list[list[int]], max_length: int) -> Encoding:
+    def chunks_needed(self, bodies: list[list[int]], max_length: int | None = None) -> int:
+        """How many windows of ``max_length - 2`` tokens the longest body needs (at least 1)."""
+        room = (self.model_max_length if max_length is None else max_length) - 2
+        return max(1, max((len(b) + room - 1) // room for b in bodies))
+
+    def _chunked(self, bodies: list[list[int]], max_length: int, num_chunks: int = 1) -> Encoding:
         room = max_length - 2
-        n_chunks = max(1, max((len(b) + room - 1) // room for b in bodies))
+        n_chunks = max(num_chunks, self.chunks_needed(bodies, max_length))
         ids = torch.empty((len(bodies), n_chunks, max_length), dtype=torch.long)
         mask = torch.empty_like(ids)
         for i, body in enumerate(bodies):

@@ -216,3 +216,98 @@ def test_no_seed_draws_fresh_noise_without_touching_global_rng(ours):
     b = ours.txt2img("a red circle", num_inference_steps=2, output_type="latent").latents
     assert not torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------- prompts as readers write them (ministd.prompts)
+LONG = ", ".join(["a small red circle in the top left corner of a picture"] * 9)   # ~110 tokens
+
+
+def test_clip_skip_per_call_is_diffusers_clip_skip(reference, ours):
+    """ministd clip_skip=1 = diffusers clip_skip=1 (= the web UIs' "clip skip 2").
+
+    diffusers' rule (StableDiffusionPipeline.encode_prompt): hidden_states[-(clip_skip + 1)],
+    then the final LayerNorm. Its own clip_skip path reads ``text_encoder.text_model``, which
+    transformers 5's CLIPTextModel no longer has, so the rule is applied here to its encoder.
+    """
+    expected, _ = reference.encode_prompt(PROMPTS, "cpu", 1, False)
+    torch.testing.assert_close(ours.encode_prompt(PROMPTS, clip_skip=None), expected, atol=1e-6, rtol=0)
+    ids = reference.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+    encoder = reference.text_encoder
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        expected = final_norm(hidden[-(1 + 1)])
+    torch.testing.assert_close(ours.encode_prompt(PROMPTS, clip_skip=1), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(ours.encode_prompt(PROMPTS, clip_skip=1), ours.encode_prompt(PROMPTS))
+    # None means the pipeline's attribute; txt2img passes the call's value through
+    kwargs = dict(num_inference_steps=2, seed=0, sampler="ddim", output_type="latent")
+    ours.clip_skip = 1
+    try:
+        by_attribute = ours.txt2img(PROMPTS[0], **kwargs).latents
+    finally:
+        ours.clip_skip = 0
+    assert torch.equal(ours.txt2img(PROMPTS[0], clip_skip=1, **kwargs).latents, by_attribute)
+    assert not torch.equal(ours.txt2img(PROMPTS[0], **kwargs).latents, by_attribute)
+    with pytest.raises(ValueError, match=r"clip_skip must be an integer in \[0, 1\].*N - 1"):
+        ours.txt2img(PROMPTS[0], clip_skip=2, **kwargs)
+    with pytest.raises(ValueError, match="long_prompts"):
+        ours.txt2img(PROMPTS[0], long_prompts="yes", **kwargs)
+
+
+def test_long_prompt_is_truncated_as_the_reference_with_a_warning(reference, ours):
+    assert len(ours.tokenizer.encode(LONG)) - 2 > 75
+    with pytest.warns(UserWarning, match=r"longer than CLIP's 75 tokens.*long_prompts=True"):
+        got = ours.encode_prompt([LONG])
+    expected, _ = reference.encode_prompt(LONG, "cpu", 1, False)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_long_prompts_in_75_token_windows(ours, recwarn):
+    states = ours.encode_prompt([LONG, PROMPTS[0]], long_prompts=True)
+    assert states.shape == (2, 2 * 77, 32)
+    assert not [w for w in recwarn if "75 tokens" in str(w.message)], "nothing is cut: no warning"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = ours.encode_prompt([LONG, PROMPTS[0]])
+    assert torch.equal(states[:, :77], plain)                       # the first window is the plain encoding
+    second = ours.tokenizer([LONG], chunked=True).input_ids[:, 1]     # the second: its own window, encoded alone
+    torch.testing.assert_close(states[:1, 77:], ours.text_encoder(second).last_hidden_state)
+    # classifier-free guidance: the short negative is padded with empty windows to the prompt's count
+    cond, uncond = ours._conditions([LONG], ["blurry"], 1, 7.5, long_prompts=True)
+    assert cond.shape == uncond.shape == (1, 154, 32)
+    torch.testing.assert_close(uncond[:, 77:], ours.encode_prompt([""]))
+    cond, uncond = ours._conditions(["a cat"], [LONG], 1, 7.5, long_prompts=True)   # and the reverse
+    assert cond.shape == uncond.shape == (1, 154, 32)
+    image = torch.zeros(1, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    for out in (ours.txt2img(LONG, negative_prompt="blurry", long_prompts=True, num_inference_steps=2, seed=0),
+                ours.img2img(LONG, image, long_prompts=True, num_inference_steps=2, seed=0),
+                ours.inpaint(LONG, image, mask, long_prompts=True, num_inference_steps=2, seed=0)):
+        assert out.images[0].size == (16, 16)
+
+
+def test_emphasis_weight_one_is_the_plain_encoding(ours):
+    plain = ours.encode_prompt(["a red circle in the top left"])
+    assert torch.equal(ours.encode_prompt(["a (red:1.0) circle in the top left"], emphasis=True), plain)
+    assert torch.equal(ours.encode_prompt(["a red circle in the top left"], emphasis=True), plain)
+    stressed = ours.encode_prompt(["a (red:1.5) circle in the top left"], emphasis=True)
+    assert (stressed - plain).abs().max() > 1e-3
+    torch.testing.assert_close(stressed.mean(), plain.mean())       # the window's mean is restored
+    # without emphasis=True the brackets are ordinary characters, as in the reference
+    assert not torch.equal(ours.encode_prompt(["a (red:1.0) circle in the top left"]), plain)
+    # the options reach every pipeline call
+    latents = dict(num_inference_steps=2, seed=0, sampler="ddim", output_type="latent")
+    a = ours.txt2img("a (red:1.5) circle", emphasis=True, **latents).latents
+    b = ours.txt2img("a (red:1.5) circle", **latents).latents
+    assert not torch.equal(a, b)
+    image = torch.zeros(1, 3, 16, 16)
+    a = ours.img2img("a (red:1.5) circle", image, emphasis=True, **latents).latents
+    b = ours.img2img("a (red:1.5) circle", image, **latents).latents
+    assert not torch.equal(a, b)
+    mask = torch.ones(1, 1, 16, 16)
+    a = ours.inpaint("a (red:1.5) circle", image, mask, emphasis=True, clip_skip=1, **latents).latents
+    b = ours.inpaint("a (red:1.5) circle", image, mask, **latents).latents
+    assert not torch.equal(a, b)

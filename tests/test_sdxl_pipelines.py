@@ -220,3 +220,41 @@ def test_wrong_family_arguments_are_refused(pipes, folders):
     sd1 = ministd.load_pipeline("shapes")
     with pytest.raises(TypeError, match="original_size"):
         sd1.txt2img("a red circle", original_size=(64, 64))
+
+
+def test_long_prompts_and_emphasis_on_both_encoders(pipes):
+    """ministd.prompts with SDXL: the same windows for both encoders, the pooled vector of the
+    first window, emphasis weighting each encoder's states (not the pooled vector)."""
+    ref, _, base, refiner = pipes
+    long = ", ".join([PROMPTS[0]] * 12)
+    with pytest.warns(UserWarning, match="long_prompts=True"):
+        plain, pooled = base.encode_prompt([long])
+    expected, _, expected_pooled, _ = ref.encode_prompt(long, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(plain, expected, atol=1e-6, rtol=0)        # truncated as the reference
+    torch.testing.assert_close(pooled, expected_pooled, atol=1e-6, rtol=0)
+    states, long_pooled = base.encode_prompt([long], long_prompts=True)
+    assert states.shape == (1, 2 * 77, 32 + 48)
+    assert torch.equal(states[:, :77], plain)
+    torch.testing.assert_close(long_pooled, pooled, atol=1e-6, rtol=0)   # the projection sees a batch of 2
+    assert refiner.encode_prompt([long], long_prompts=True)[0].shape == (1, 2 * 77, 48)
+    cond, uncond, _, _ = base._conditions([long], None, 1, 5.0, long_prompts=True)   # zeroed negative
+    assert uncond.shape == cond.shape == (1, 154, 80) and not uncond.any()
+    cond, uncond, _, _ = base._conditions([long], ["dark"], 1, 5.0, long_prompts=True)
+    assert uncond.shape == cond.shape == (1, 154, 80)
+
+    a, a_pooled = base.encode_prompt(["a (small:1.0) red circle"], emphasis=True)
+    b, b_pooled = base.encode_prompt(["a small red circle"])
+    assert torch.equal(a, b) and torch.equal(a_pooled, b_pooled)
+    c, c_pooled = base.encode_prompt(["a (small:1.4) red circle"], emphasis=True)
+    assert (c - b).abs().max() > 1e-3 and torch.equal(c_pooled, b_pooled)
+    for part in (slice(0, 32), slice(32, 80)):                      # each encoder's mean restored on its own
+        torch.testing.assert_close(c[..., part].mean(), b[..., part].mean())
+
+    kwargs = dict(negative_prompt="dark", long_prompts=True, emphasis=True, num_inference_steps=3, seed=0)
+    handed = base.txt2img(long, denoising_end=0.8, output_type="latent", **kwargs).latents
+    assert refiner.img2img(long, handed, denoising_start=0.8, **kwargs).images[0].size == (16, 16)
+    # SDXL already reads the penultimate layer: these 2-layer encoders leave nothing more to skip
+    with pytest.raises(ValueError, match=r"clip_skip must be an integer in \[0, 0\]"):
+        base.txt2img("a red circle", clip_skip=1)
+    with pytest.raises(ValueError, match="emphasis must be True or False"):
+        refiner.img2img("a red circle", handed, denoising_start=0.8, emphasis=1)

@@ -198,6 +198,30 @@ def test_chunked_mode(tok):
     assert enc.input_ids[1, 1, :2].tolist() == [tok.bos_token_id, tok.eos_token_id]
 
 
+def test_from_ids_frames_as_call_and_pads_chunks(tok):
+    prompts = [" ".join(["red"] * 80) + " circle", "a cat"]
+    bodies = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    with pytest.warns(UserWarning, match="dropped"):
+        by_text = tok(prompts)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # warn=False: the caller reports the cut
+        by_ids = tok.from_ids(bodies, warn=False)
+    assert torch.equal(by_text.input_ids, by_ids.input_ids) and by_ids.num_truncated == [6, 0]
+    assert tok.chunks_needed(bodies) == 2 and tok.chunks_needed([[]]) == 1
+    chunked = tok.from_ids(bodies, chunked=True)
+    assert torch.equal(chunked.input_ids, tok(prompts, chunked=True).input_ids)
+    # num_chunks: at least that many windows, the extra ones empty (BOS, EOS, padding)
+    padded = tok(prompts, chunked=True, num_chunks=3)
+    assert padded.input_ids.shape == (2, 3, 77)
+    assert torch.equal(padded.input_ids[:, :2], chunked.input_ids)
+    assert torch.equal(padded.input_ids[:, 2], tok(["", ""]).input_ids)
+    with pytest.raises(ValueError, match="num_chunks"):
+        tok("a", chunked=True, num_chunks=0)
+    with pytest.raises(ValueError, match="bodies"):
+        tok.from_ids([])
+
+
 def test_spaces_and_words(tok):
     """The space is part of a token ("</w>"), so word boundaries change the ids."""
     assert tok.tokenize("butterfly") == ["butterfly</w>"]
