@@ -11,7 +11,7 @@ both implementations (same weights and inputs as benchmarks/bench.py). The
 ``--onednn`` form reruns the model in a subprocess with ``ONEDNN_VERBOSE=1``
 and adds up oneDNN's own timings by primitive: convolutions, and the reorders
 that re-lay weights and activations out into its blocked formats. That is how
-the per-call weight re-layout behind ``ministd.unet.Conv2d`` was found
+the per-call weight re-layout behind ``ministd.speed.FastConv2d`` was found
 (benchmarks/RESULTS.md).
 """
 
