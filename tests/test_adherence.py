@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from ministd.data import CAPTION_FORMS, COLORS, PALETTE, SHAPES, ShapesWorld, parse_caption
@@ -20,12 +19,7 @@ from ministd.train import adherence as A
 from ministd.train import unet as T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def picture(background: str, *boxes: tuple[str, tuple[int, int, int, int]]) -> np.ndarray:

@@ -48,13 +48,7 @@ PROMPTS = ["a small red circle in the top left", "a big blue box"]
 NEGATIVE = ["blurry", ""]
 CA, D, CU, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models, many small ops: one thread is faster on a shared machine than several fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # tiny configs that follow each family's rules (module docstring)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from ministd.__main__ import main
@@ -19,12 +18,7 @@ from ministd.infotext import (SAMPLER_NAMES, format_infotext, parse_infotext, re
 from test_sdxl_pipelines import folders  # noqa: F401  (fixture: tiny SDXL base and refiner folders)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _run(*args, cwd=None):

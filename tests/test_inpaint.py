@@ -39,20 +39,14 @@ from test_pipelines import folder  # noqa: F401 (the tiny SD 1.x pipeline fixtur
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers calls np.array on torch tensors in a way numpy 2 warns about; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]   # tests/conftest.py
 
 ATOL = 2e-5
 PROMPTS = ["a small red circle in the top left", "a big blue box on a yellow background"]
 NEGATIVE = ["blurry", ""]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models, many small ops: one thread is faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ TIME_DIM = 8          # Fourier features per time id (SDXL: 256)
 POOLED = 16           # projection width of the second encoder (SDXL: 1280)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _shake(*modules):

@@ -111,15 +111,6 @@ def two_clusters(n, generator):
     return centers[which] + 0.1 * torch.randn(n, 2, generator=generator)
 
 
-@pytest.fixture
-def one_thread():
-    # a tiny MLP gains nothing from threads, and on a busy 2-core machine they cost 10x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_learns_two_clusters_end_to_end(one_thread):
     # objective + optimiser + sampler together: a tiny MLP learns the 2D two-cluster data set,
     # and DDIM samples land near the clusters (pure noise would: ~3 % within 0.35 of a centre)

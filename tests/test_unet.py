@@ -76,14 +76,7 @@ TINY = {
 TIME_IDS = {"sdxl_base": 6, "sdxl_refiner": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run thousands of small ops: on a shared 2-core machine one thread is
-    several times faster than two threads fighting other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
