@@ -772,6 +772,13 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
     environment says ``MINISTD_SPEED=0``) applies :func:`ministd.speed.optimize` to
     the U-Net and the VAE: same weights and outputs, faster on CPUs (chapter 10).
     """
+    file_only = {"prediction_type": prediction_type, "vae": vae, "config": config, "allow_pickle": allow_pickle}
+    given = [name for name, value in file_only.items() if value not in (None, False)]
+    if given and (str(name_or_path) == "shapes" or Path(name_or_path).is_dir()):
+        # a folder (and the shipped model) says all of this itself: refuse rather than ignore
+        raise ValueError(f"{', '.join(given)} apply to single checkpoint files only; {name_or_path} is "
+                         f"{'the shipped model' if str(name_or_path) == 'shapes' else 'a diffusers folder'}, "
+                         "whose own configs (scheduler/scheduler_config.json, vae/) decide them")
     if str(name_or_path) == "shapes":
         pipe = load_shapes_pipeline(dtype)
     else:

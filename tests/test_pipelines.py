@@ -311,3 +311,13 @@ def test_emphasis_weight_one_is_the_plain_encoding(ours):
     a = ours.inpaint("a (red:1.5) circle", image, mask, emphasis=True, clip_skip=1, **latents).latents
     b = ours.inpaint("a (red:1.5) circle", image, mask, **latents).latents
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(prediction_type="v_prediction"), dict(vae="other.safetensors"),
+                                    dict(config={}), dict(allow_pickle=True)])
+def test_file_only_options_are_refused_for_folders_and_the_shipped_model(folder, kwargs):
+    """Options that only a single file needs are an error for a folder or "shapes", not ignored."""
+    name = next(iter(kwargs))
+    for where in (folder, "shapes"):
+        with pytest.raises(ValueError, match=f"{name} apply to single checkpoint files only"):
+            load_pipeline(where, **kwargs)
