@@ -363,9 +363,124 @@ def bench_memory(rows: list):
         rows.append({"benchmark": f"peak memory {which}", **extra})
 
 
+_WRITE_FOLDER_CODE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from benchmarks.bench import pipeline_pair
+_, ref = pipeline_pair(Path({folder!r}) / "vocab")
+ref.save_pretrained({folder!r})
+"""
+
+_LOAD_CODE = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+
+impl, folder, dtype = {impl!r}, {folder!r}, getattr(torch, {dtype!r})
+prompt = "a photograph of an astronaut riding a horse"
+kwargs = dict(num_inference_steps=2, guidance_scale=7.5, height=512, width=512, output_type="np")
+start = time.perf_counter()
+if impl == "ministd":
+    import ministd
+    pipe = ministd.load_pipeline(folder, dtype=dtype)
+    load_s = time.perf_counter() - start
+    pipe.progress_bar = False
+    run = lambda: pipe.txt2img(prompt, seed=0, **kwargs)
+else:
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                             requires_safety_checker=False)
+    load_s = time.perf_counter() - start
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+loaded_mb = status_mb("VmHWM")
+with torch.inference_mode():
+    run()
+print(json.dumps({{"load_s": load_s, "peak_loaded_mb": loaded_mb, "peak_mb": status_mb("VmHWM")}}))
+"""
+
+
+def bench_load(quick: bool, rows: list):
+    """Loading a diffusers folder and drawing one 512x512 picture (2 DDIM steps, CFG), SD 1.5-sized
+    random weights (4.1 GB in float32), each in a fresh process: load time (warm file cache: the
+    folder was just written) and peak resident memory, after loading and after the picture, per
+    dtype. SDXL base and refiner figures are computed from their parameter counts (meta device).
+    Skipped with --quick (it writes a 4 GB folder)."""
+    import importlib.util
+    import tempfile
+
+    bench_load_computed(rows)
+    if quick:
+        print("load + peak memory, SD 1.5-sized folder: skipped with --quick (writes 4 GB)")
+        return
+    low_mem = importlib.util.find_spec("accelerate") is not None
+    print(f"  (diffusers loads {'with' if low_mem else 'without'} accelerate installed: "
+          f"{'its low-memory path' if low_mem else 'random init, then copy'})")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(Path(tmp) / "sd15")
+        subprocess.run([sys.executable, "-c", _WRITE_FOLDER_CODE.format(root=str(ROOT), folder=folder)],
+                       check=True, capture_output=True)
+        for dtype in ("float32", "bfloat16"):
+            found: dict[str, list[dict]] = {"ministd": [], "reference": []}
+            for _ in range(2):                  # alternate, twice: load times vary with the machine
+                for impl in found:
+                    code = _LOAD_CODE.format(root=str(ROOT), impl=impl, folder=folder, dtype=dtype)
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                    if out.returncode:
+                        raise RuntimeError(f"{impl} {dtype} load failed:\n{out.stderr[-2000:]}")
+                    found[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            summary = {impl: {"load_s": min(r["load_s"] for r in runs),
+                              "peak_loaded_mb": max(r["peak_loaded_mb"] for r in runs),
+                              "peak_mb": max(r["peak_mb"] for r in runs)} for impl, runs in found.items()}
+            ours, ref = summary["ministd"], summary["reference"]
+            print(f"load SD1.5-sized folder, {dtype:<8}: ministd {ours['load_s']:5.2f} s, peak "
+                  f"{ours['peak_loaded_mb'] / 1024:5.2f} GB loaded / {ours['peak_mb'] / 1024:5.2f} GB after a picture"
+                  f"   reference {ref['load_s']:5.2f} s, {ref['peak_loaded_mb'] / 1024:5.2f} / "
+                  f"{ref['peak_mb'] / 1024:5.2f} GB   ratio load {ours['load_s'] / ref['load_s']:.2f}, "
+                  f"peak {ours['peak_mb'] / ref['peak_mb']:.2f}", flush=True)
+            rows.append({"benchmark": f"load SD1.5-sized folder {dtype}", "accelerate": low_mem, **summary})
+        by_dtype = {r["benchmark"].split()[-1]: r["ministd"]["peak_mb"] for r in rows
+                    if r["benchmark"].startswith("load SD1.5")}
+        print(f"  ministd peak, bfloat16 / float32: {by_dtype['bfloat16'] / by_dtype['float32']:.2f}")
+
+
+def bench_load_computed(rows: list):
+    """Parameters per component and the memory their weights need per dtype, from the configs
+    (networks built on the meta device: nothing allocated)."""
+    from ministd import unet as U
+    from ministd.text import CLIPTextConfig, CLIPTextModel
+    from ministd.vae import AutoencoderKL, VAEConfig
+    from ministd.weights import build_on_meta
+
+    def count(build) -> int:
+        return sum(p.numel() for p in build_on_meta(build).parameters())
+
+    vae = count(lambda: AutoencoderKL(VAEConfig()))
+    families = {
+        "SD 1.5": {"unet": count(lambda: U.UNet(U.sd1())), "text": count(lambda: CLIPTextModel(CLIPTextConfig.clip_l())),
+                   "vae": vae},
+        "SDXL base": {"unet": count(lambda: U.UNet(U.sdxl_base())),
+                      "text": count(lambda: CLIPTextModel(CLIPTextConfig.clip_l()))
+                      + count(lambda: CLIPTextModel(CLIPTextConfig.openclip_bigg())), "vae": vae},
+        "SDXL refiner": {"unet": count(lambda: U.UNet(U.sdxl_refiner())),
+                         "text": count(lambda: CLIPTextModel(CLIPTextConfig.openclip_bigg())), "vae": vae},
+    }
+    for name, parts in families.items():
+        total = sum(parts.values())
+        print(f"weights of {name:<12}: U-Net {parts['unet'] / 1e6:7.1f} M, text {parts['text'] / 1e6:6.1f} M, "
+              f"VAE {parts['vae'] / 1e6:5.1f} M parameters = {total * 4 / 2**30:5.2f} GB float32, "
+              f"{total * 2 / 2**30:5.2f} GB bfloat16/float16", flush=True)
+        rows.append({"benchmark": f"weights {name}", "parameters": parts, "gb_float32": total * 4 / 2**30})
+
+
 BENCHMARKS = {"text": bench_text, "vae": bench_vae, "unet": bench_unet, "pipeline": bench_pipeline,
-              "shapes": bench_shapes, "unet-bf16": bench_unet_bf16}
-DEFAULT = ["text", "vae", "unet", "unet-bf16", "pipeline", "shapes"]
+              "shapes": bench_shapes, "unet-bf16": bench_unet_bf16, "load": bench_load}
+DEFAULT = ["text", "vae", "unet", "unet-bf16", "pipeline", "shapes", "load"]
 
 
 def _benchmark_names(value: str) -> list[str]:

@@ -57,9 +57,6 @@ no SDXL inpainting pipeline yet.
 from __future__ import annotations
 
 import fnmatch
-import json
-import math
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +71,8 @@ from ministd.tokenizer import CLIPTokenizer
 from ministd.unet import ORIGINAL_PREFIX, UNet, UNetConfig, config_from_original, from_diffusers_config, original_key_map
 from ministd.vae import (SD_SCALING_FACTOR, SDXL_SCALING_FACTOR, AutoencoderKL, VAEConfig,
                          convert_original_vae_state_dict)
-from ministd.weights import WeightsMismatchError, read_json
+from ministd.weights import (TensorEntry, WeightsMismatchError, build_on_meta, dtype_name, read_json,
+                             read_safetensors, read_safetensors_header)
 
 # ---------------------------------------------------------------------------
 # Families and layouts, as data
@@ -211,99 +209,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Reading a file's table of contents (no tensors)
 # ---------------------------------------------------------------------------
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-}
-MAX_HEADER_BYTES = 100_000_000      # the limit the safetensors library itself sets
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a file, as its header describes it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offsets: tuple[int, int] | None = None   # safetensors: its bytes' [begin, end) from the file's start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Every tensor's name, shape and dtype, and the metadata, from a ``.safetensors`` header.
-
-    The format (github.com/huggingface/safetensors): 8 bytes, a little-endian
-    unsigned length N; N bytes of JSON ``{name: {"dtype": "F16", "shape": [320, 4, 3, 3],
-    "data_offsets": [begin, end]}, ..., "__metadata__": {...}}``; then the raw
-    tensor bytes, offsets counted from the end of the header. Reads N + 8 bytes
-    and checks that the file is one (not empty, not text, not a renamed
-    pickle, not cut short), raising ValueError naming the file otherwise.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            what = "empty file" if size == 0 else f"not a safetensors file, or a truncated one: only {size} bytes"
-            raise ValueError(f"{path}: {what}; a .safetensors file starts with the 8-byte length of its header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file ({_what_it_starts_like(head, n, size)})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path}: not a safetensors file, or a damaged one (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    entries: dict[str, TensorEntry] = {}
-    end_of_data = 0
-    for name, item in header.items():
-        entry, (begin, end) = _header_entry(path, name, item, data_start=8 + n)
-        entries[name] = entry
-        end_of_data = max(end_of_data, end)
-    data_bytes = size - 8 - n
-    if end_of_data > data_bytes:
-        raise ValueError(f"{path}: truncated: its header describes {end_of_data:,} bytes of tensors but only "
-                         f"{data_bytes:,} follow (an interrupted download or copy?)")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _header_entry(path: Path, name: str, item, data_start: int) -> tuple[TensorEntry, tuple[int, int]]:
-    """One header item -> TensorEntry, checking that its byte range fits its shape and dtype."""
-    try:
-        dtype, itemsize = SAFETENSORS_DTYPES[item["dtype"]]
-        shape = tuple(int(s) for s in item["shape"])
-        begin, end = (int(o) for o in item["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}: damaged safetensors header at tensor {name!r}: {str(item)[:120]}") from None
-    entry = TensorEntry(shape, dtype, (data_start + begin, data_start + end))
-    if end - begin != entry.numel * itemsize or begin < 0:
-        raise ValueError(f"{path}: damaged safetensors header: tensor {name!r} {list(shape)} {item['dtype']} "
-                         f"needs {entry.numel * itemsize} bytes, its offsets give {end - begin}")
-    return entry, (begin, end)
-
-
-def _what_it_starts_like(head: bytes, n: int, size: int) -> str:
-    if head.startswith(b"PK\x03\x04"):
-        return "it is a zip archive: probably a pickled PyTorch checkpoint (.ckpt) with the wrong name"
-    if head[:1] == b"\x80":
-        return "it starts like a Python pickle: probably a .ckpt/.bin file with the wrong name"
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return f"it starts with text {head.decode('ascii')!r}"
-    return f"its first 8 bytes give a header of {n:,} bytes, but the file has {size:,}"
-
-
 class _Tensors:
     """The tensors of one checkpoint file: names, shapes and dtypes at once; values on demand."""
 
@@ -360,41 +265,16 @@ class _Tensors:
                 for k, new in keys.items()}
 
     def load(self, keys: Mapping[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{new name: tensor} read from the file, floating-point ones in ``dtype``.
-
-        A tensor already in ``dtype`` comes straight from the memory-mapped file
-        (no copy); one to convert is read into a buffer of its own, converted,
-        and the buffer dropped, so memory peaks at the converted weights plus
-        one tensor (a memory map would keep every page it read resident until closed).
-        """
+        """{new name: tensor} read from the file once, floating-point ones in ``dtype``
+        (:func:`ministd.weights.read_safetensors`)."""
         if self._values is not None:
             return {new: self._cast(self._values[k], dtype) for k, new in keys.items()}
-        from safetensors import safe_open
-
-        out = {}
-        with safe_open(str(self.path), framework="pt", device="cpu") as mapped, open(self.path, "rb") as raw:
-            for key, new in keys.items():
-                entry = self.entries[key]
-                if entry.dtype == dtype or not entry.dtype.is_floating_point:
-                    out[new] = mapped.get_tensor(key)
-                else:
-                    out[new] = self._read(raw, entry).to(dtype)
-        return out
+        tensors = read_safetensors(self.path, dtype=dtype, keys=keys)
+        return {new: tensors.pop(key) for key, new in keys.items()}
 
     @staticmethod
     def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
-
-    @staticmethod
-    def _read(raw, entry: TensorEntry) -> torch.Tensor:
-        begin, end = entry.offsets
-        raw.seek(begin)
-        buffer = bytearray(end - begin)
-        if raw.readinto(buffer) != len(buffer):
-            raise ValueError(f"{raw.name}: truncated while reading (the file changed since its header was read?)")
-        if not buffer:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -414,7 +294,7 @@ class ComponentInfo:
     def add(self, entry: TensorEntry) -> None:
         self.tensors += 1
         self.parameters += entry.numel
-        name = _dtype_name(entry.dtype)
+        name = dtype_name(entry.dtype)
         self.dtypes[name] = self.dtypes.get(name, 0) + 1
 
 
@@ -707,12 +587,6 @@ class _Plan:
         return self.model
 
 
-def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a network without allocating (or initialising) its weights."""
-    with torch.device("meta"):
-        return build()
-
-
 def _check(model: nn.Module, converted: Mapping[str, torch.Tensor], where: str,
            name_back: Callable[[str], str] = lambda k: k) -> None:
     """Names and shapes of ``converted`` must be exactly the model's: else WeightsMismatchError
@@ -734,7 +608,7 @@ def _unet_plan(tensors: _Tensors, keys: dict[str, str], family: str, prediction_
     meta = tensors.meta(keys)
     config = (from_diffusers_config(override) if override is not None
               else unet_config_from_weights(meta, family, prediction_type, where, pooled_dim))
-    model = _on_meta(lambda: UNet(config))
+    model = build_on_meta(lambda: UNet(config))
     to_original = original_key_map(model)
     to_ours = {v: k for k, v in to_original.items()}
 
@@ -754,7 +628,7 @@ def _vae_plan(tensors: _Tensors, keys: dict[str, str], image_size: int, override
     meta = convert(tensors.meta(keys))
     config = (VAEConfig.from_dict(override) if override is not None
               else vae_config_from_weights(meta, image_size, where, scaling_factor))
-    model = _on_meta(lambda: AutoencoderKL(config))
+    model = build_on_meta(lambda: AutoencoderKL(config))
     _check(model, meta, where)
     return _Plan("vae", model, tensors, keys, convert)
 
@@ -784,7 +658,7 @@ def _text_plan(tensors: _Tensors, keys: dict[str, str], family: str, name: str, 
                 skipped[key] = f"the text encoder's layers from {config.num_layers} on (SD 2.x runs the penultimate)"
                 del keys[key]
         meta = convert(tensors.meta(keys))
-    model = _on_meta(lambda: CLIPTextModel(config))
+    model = build_on_meta(lambda: CLIPTextModel(config))
     _check(model, meta, where)
     return _Plan(name, model, tensors, keys, convert)
 

@@ -21,7 +21,6 @@ no guidance (the conditional prediction alone), 0 the unconditional one, and
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from ministd.data import COLORS, SHAPES
 from ministd.unet import ResnetBlock, TimestepEmbedding, timestep_embedding
-from ministd.weights import load_strict, read_json, read_safetensors, write_safetensors
+from ministd.weights import load_model, save_model
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SHAPES_CLASSIFIER_FILE = DATA / "shapes_noisy_classifier.safetensors"
@@ -205,15 +204,10 @@ class NoisyClassifier(nn.Module):
         return lambda x, t: self(x, t)[attribute]
 
     def save(self, path: str | Path, extra_config: dict | None = None) -> None:
-        """float16 safetensors + .json config."""
-        write_safetensors(path, self.state_dict(), dtype=torch.float16)
-        config = {**asdict(self.config), **(extra_config or {})}
-        Path(path).with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        """float16 safetensors + .json config (:func:`ministd.weights.save_model`)."""
+        save_model(self, path, asdict(self.config), extra_config=extra_config)
 
     @classmethod
     def load(cls, path: str | Path = SHAPES_CLASSIFIER_FILE, dtype: torch.dtype = torch.float32) -> "NoisyClassifier":
         """Load weights + config (the shipped ShapesWorld classifier by default); strict."""
-        path = Path(path)
-        model = cls(NoisyClassifierConfig.from_dict(read_json(path.with_suffix(".json"))))
-        load_strict(model, read_safetensors(path), source=path.name)
-        return model.to(dtype).eval()
+        return load_model(path, lambda fields: cls(NoisyClassifierConfig.from_dict(fields)), dtype=dtype)

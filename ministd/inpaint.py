@@ -202,14 +202,6 @@ def _check_count(value, name: str) -> None:
 
 
 # ------------------------------------------------------------- the method
-def encode_image(pipe: StableDiffusionPipeline, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Pictures [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f]: a posterior *sample*
-    drawn from ``generator`` (diffusers' ``retrieve_latents(..., sample_mode="sample")``)."""
-    with torch.inference_mode():
-        posterior = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype))
-        return pipe.vae.scale_latents(posterior.sample(generator)).to(pipe.unet.dtype)
-
-
 def blend_latents(latents: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
                   sampler: Sampler, next_timestep: torch.Tensor) -> torch.Tensor:
     """The latent-blend rule, after one sampler step (all tensors [B, 4, h, w], mask [B, 1, h, w]).
@@ -266,7 +258,7 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
 
     image_latents = None
     if not nine or strength < 1:
-        image_latents = _to_batch(encode_image(pipe, pixels, generator), batch, "image")
+        image_latents = _to_batch(pipe.encode_image(pixels, generator), batch, "image")
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(pipe.device, pipe.unet.dtype)
     if strength == 1:  # pure noise, as txt2img: the picture under the mask is not used at all
         latents = noise * sampler.init_noise_sigma
@@ -274,7 +266,7 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
         latents = sampler.add_noise(image_latents, noise, timesteps[:1])
     masked = pixels * (mask < 0.5)  # masked pixels set to 0 (grey)
     if nine:
-        masked_latents = _to_batch(encode_image(pipe, masked, generator), batch, "image")
+        masked_latents = _to_batch(pipe.encode_image(masked, generator), batch, "image")
     else:  # the reference encodes the masked picture here too and never uses it: draw the same numbers
         torch.randn((masked.shape[0], shape[1], *size), generator=generator, device=generator.device,
                     dtype=pipe.vae.dtype)
@@ -405,7 +397,7 @@ def _no_step(pipe, pixels, run) -> torch.Tensor:
     warnings.warn(f"strength={run['strength']} with num_inference_steps={run['num_inference_steps']} leaves no "
                   "denoising step to run: returning the input's round trip through the VAE", stacklevel=5)
     batch = len(_prompt_list(run["prompt"], "prompt"))
-    return _to_batch(encode_image(pipe, pixels, run["generator"]), batch, "image")
+    return _to_batch(pipe.encode_image(pixels, run["generator"]), batch, "image")
 
 
 def paste_unmasked(pictures: torch.Tensor, originals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

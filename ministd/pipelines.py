@@ -113,6 +113,7 @@ class StableDiffusionPipeline:
         self.scheduler = scheduler
         self.clip_skip = clip_skip
         self.progress_bar = True
+        self.vae_tile_size: int | None = None     # pixels; None: the VAE sees the whole picture
 
     # -------------------------------------------------------------- loading
     @classmethod
@@ -150,6 +151,41 @@ class StableDiffusionPipeline:
     @property
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae.downsampling_factor
+
+    # ------------------------------------------------ large pictures, small machines
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Encode and decode pictures in overlapping tiles of ``tile_size`` pixels (default: the
+        VAE's ``sample_size``, 512 for SD), blended at the seams (:meth:`AutoencoderKL.decode`).
+
+        The VAE's activations grow with the picture (SD's decoder: 128 x 1024 x 1024 floats
+        at its last level for a 1024-pixel picture); tiles bound them. Pictures no larger than
+        a tile are processed whole, exactly as without tiling.
+        """
+        f = self.vae.downsampling_factor
+        tile_size = self.vae.config.sample_size if tile_size is None else tile_size
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < f or tile_size % f:
+            raise ValueError(f"tile_size must be a positive multiple of the VAE's factor {f} (pixels), "
+                             f"got {tile_size!r}")
+        self.vae_tile_size = tile_size
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tile_size = None
+
+    def enable_attention_chunking(self, query_chunk: int = 4096) -> None:
+        """Attention in chunks of ``query_chunk`` query tokens (same result, less memory where a
+        kernel writes out the score matrix; :meth:`UNet.set_attention_chunk`)."""
+        self.unet.set_attention_chunk(query_chunk)
+
+    def disable_attention_chunking(self) -> None:
+        self.unet.set_attention_chunk(None)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pictures [B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f] in the U-Net's dtype:
+        a posterior *sample* drawn from ``generator``, as the reference does
+        (diffusers' ``retrieve_latents(..., sample_mode="sample")``)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype), tile_size=self.vae_tile_size)
+        return self.vae.scale_latents(posterior.sample(generator)).to(self.unet.dtype)
 
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
@@ -274,7 +310,8 @@ class StableDiffusionPipeline:
         """Scaled latents -> pictures of ``output_type`` (values in [0, 1] for np / pt)."""
         if output_type == "latent":
             return list(latents)
-        images = self.vae.decode(self.vae.unscale_latents(latents))
+        tile = None if self.vae_tile_size is None else self.vae_tile_size // self.vae.downsampling_factor
+        images = self.vae.decode(self.vae.unscale_latents(latents), tile_size=tile)
         images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output_type == "pt":
             return list(images)
@@ -364,9 +401,7 @@ class StableDiffusionPipeline:
         cond, uncond = self._conditions(prompts, negative_prompt, 1, guidance_scale, clip_skip, long_prompts,
                                         emphasis)
         generator = generator or _seeded_generator(seed)
-        with torch.inference_mode():
-            posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype))
-            init = self.vae.scale_latents(posterior.sample(generator))
+        init = self.encode_image(pixels, generator)
         init = init.expand(len(prompts), *init.shape[1:]) if init.shape[0] == 1 else init
         timesteps = sampler.timesteps
         if len(timesteps) == 0 or int(num_inference_steps * strength) == 0:  # PNDM would keep 1 warm-up entry
@@ -710,9 +745,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         else:
             pixels = self._image_tensor(image)
             self._check_size(pixels.shape[-2], pixels.shape[-1])
-            with torch.inference_mode():
-                posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype))
-                init = self.vae.scale_latents(posterior.sample(generator)).to(self.unet.dtype)
+            init = self.encode_image(pixels, generator)
         if init.shape[0] not in (1, batch):
             raise ValueError(f"image holds {init.shape[0]} pictures for {batch} prompts")
         return init.expand(batch, *init.shape[1:]) if init.shape[0] == 1 else init
@@ -765,14 +798,18 @@ def pipeline_from_folder(folder: str | Path, dtype: torch.dtype = torch.float32)
 def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torch.float32,
                   device: str | torch.device | None = None, optimize: bool | None = None,
                   prediction_type: str | None = None, vae: str | Path | None = None,
-                  config: str | Path | dict | None = None, allow_pickle: bool = False) -> StableDiffusionPipeline:
+                  config: str | Path | dict | None = None, use_ema: bool = False,
+                  allow_pickle: bool = False) -> StableDiffusionPipeline:
     """The shipped ShapesWorld model ("shapes"), a diffusers folder, or a single file.
 
-    Nothing is downloaded: paths are local. ``optimize`` (default: on unless the
+    Nothing is downloaded: paths are local. ``prediction_type``, ``vae``, ``config``,
+    ``use_ema`` (load a file's EMA copy of the U-Net) and ``allow_pickle`` are
+    for single files (:func:`ministd.checkpoints.load_single_file`). ``optimize`` (default: on unless the
     environment says ``MINISTD_SPEED=0``) applies :func:`ministd.speed.optimize` to
     the U-Net and the VAE: same weights and outputs, faster on CPUs (chapter 10).
     """
-    file_only = {"prediction_type": prediction_type, "vae": vae, "config": config, "allow_pickle": allow_pickle}
+    file_only = {"prediction_type": prediction_type, "vae": vae, "config": config, "use_ema": use_ema,
+                 "allow_pickle": allow_pickle}
     given = [name for name, value in file_only.items() if value not in (None, False)]
     if given and (str(name_or_path) == "shapes" or Path(name_or_path).is_dir()):
         # a folder (and the shipped model) says all of this itself: refuse rather than ignore
@@ -789,7 +826,7 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
             from ministd.checkpoints import load_single_file
 
             pipe = load_single_file(path, dtype=dtype, prediction_type=prediction_type, vae=vae,
-                                    config=config, allow_pickle=allow_pickle)
+                                    config=config, use_ema=use_ema, allow_pickle=allow_pickle)
         else:
             raise FileNotFoundError(f"no model at {path}: give 'shapes', a diffusers folder "
                                     "(with model_index.json) or a .safetensors file")

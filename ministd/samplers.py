@@ -51,7 +51,6 @@ sqrt(sigma^2 + 1) before the network sees it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np

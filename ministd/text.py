@@ -32,7 +32,6 @@ ShapesWorld (:class:`TinyCLIP`, :func:`clip_loss`).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import load_strict, read_json, read_safetensors, strip_prefix
+from ministd.weights import build_on_meta, load_model, load_strict, read_json, read_weights, strip_prefix
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 SHAPES_CLIP_FILE = Path(__file__).resolve().parent.parent / "data" / "shapes_clip.safetensors"
@@ -304,11 +303,14 @@ class CLIPTextModel(nn.Module):
     # ------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "CLIPTextModel":
-        """Load a transformers ``text_encoder/`` folder (config.json + model.safetensors)."""
+        """Load a transformers ``text_encoder/`` folder (config.json + model.safetensors, or its shards).
+
+        Built on the meta device; the tensors are read once, in ``dtype``.
+        """
         folder = Path(folder)
         config = CLIPTextConfig.from_transformers(read_json(folder / "config.json"))
-        model = cls(config).to(dtype)
-        model.load_transformers_state_dict(read_folder_weights(folder), source=str(folder))
+        model = build_on_meta(lambda: cls(config))
+        model.load_transformers_state_dict(read_weights(folder, "model", dtype=dtype), source=str(folder))
         return model
 
     def load_transformers_state_dict(self, state_dict: Mapping[str, torch.Tensor],
@@ -353,17 +355,6 @@ class CLIPTextModel(nn.Module):
             ignore.append("text_projection.weight")
         load_strict(model, sd, source=f"{source} [{prefix}]", ignore_unexpected=ignore)
         return model
-
-
-def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(read_safetensors(folder / shard))
-        return state
-    return read_safetensors(folder / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------
@@ -542,10 +533,7 @@ class TinyCLIP(nn.Module):
         """The shipped ShapesWorld CLIP: ``data/shapes_clip.safetensors`` and its
         ``.json`` config next to it (weights stored as float16)."""
         weights = Path(weights) if weights is not None else SHAPES_CLIP_FILE
-        config = read_json(weights.with_suffix(".json"))
-        model = cls(TinyCLIPConfig.from_dict(config)).to(dtype)
-        load_strict(model, read_safetensors(weights), source=str(weights))
-        return model.eval()
+        return load_model(weights, lambda fields: cls(TinyCLIPConfig.from_dict(fields)), dtype=dtype)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, E] unit vectors."""

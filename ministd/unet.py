@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import (WeightsMismatchError, load_strict, read_json,
-                             read_safetensors, strip_prefix, write_safetensors)
+from ministd.weights import (WeightsMismatchError, build_on_meta, load_model, load_strict, read_json,
+                             read_safetensors, read_weights, save_model, strip_prefix)
 
 # --------------------------------------------------------------------------
 # Configuration: data, not subclasses
@@ -504,6 +503,12 @@ class Attention(nn.Module):
     ``probs_hook``: when set, the attention probabilities [B, heads, N, T] are
     computed explicitly and handed to it (the book's attention maps); when
     None (default) nothing extra is computed.
+
+    ``query_chunk``: when set, the queries go through in chunks of that many
+    tokens (each chunk attends to every key, so the result is the same): a
+    kernel that writes out the [N, T] score matrix then holds only
+    [query_chunk, T] of it at a time. Self-attention of SD 1.5 at 1024x1024
+    has N = T = 16384 tokens: a float32 score matrix of 1 GiB per head.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int,
@@ -517,6 +522,7 @@ class Attention(nn.Module):
         # a list so the output projection is named "to_out.0", as in the checkpoints
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.probs_hook = None
+        self.query_chunk: int | None = None
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -531,7 +537,10 @@ class Attention(nn.Module):
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             # scores of SD 2.x overflow float16: do the softmax(QK^T)V in float32
             q, k, v = q.float(), k.float(), v.float()
-        if self.probs_hook is None:
+        if self.probs_hook is None and self.query_chunk is not None and q.shape[2] > self.query_chunk:
+            out = torch.cat([F.scaled_dot_product_attention(part, k, v)
+                             for part in q.split(self.query_chunk, dim=2)], dim=2)
+        elif self.probs_hook is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = (q @ k.transpose(-1, -2)) * self.dim_head ** -0.5
@@ -887,6 +896,19 @@ class UNet(nn.Module):
             raise ValueError(f"this SDXL-type U-Net needs {need}; got text_embeds {list(te.shape)}, "
                              f"time_ids {list(ti.shape)}")
 
+    def set_attention_chunk(self, query_chunk: int | None) -> None:
+        """Run every attention layer's queries in chunks of ``query_chunk`` tokens (None: all at once).
+
+        The output is the same (see :class:`Attention`); memory for attention
+        scores drops to [query_chunk, T] per head, for large pictures on small machines.
+        """
+        if query_chunk is not None and (isinstance(query_chunk, bool) or not isinstance(query_chunk, int)
+                                        or query_chunk < 1):
+            raise ValueError(f"query_chunk must be a positive int (tokens) or None, got {query_chunk!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.query_chunk = query_chunk
+
     # -- attention maps ----------------------------------------------------
     @contextlib.contextmanager
     def cross_attention_maps(self) -> Iterator[CrossAttentionMaps]:
@@ -919,15 +941,18 @@ class UNet(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "UNet":
         """Load a diffusers ``unet/`` folder (config.json + diffusion_pytorch_model.safetensors,
-        or sharded with an ``.index.json``). A pipeline folder with a ``unet/`` subfolder works too."""
+        or sharded with an ``.index.json``). A pipeline folder with a ``unet/`` subfolder works too.
+
+        The network is built on the meta device and takes the file's tensors, each
+        read once in ``dtype`` (default: as stored, floating-point ones as float32).
+        """
         folder = Path(folder)
         if (folder / "unet" / "config.json").is_file():
             folder = folder / "unet"
         config = from_diffusers_config(read_json(folder / "config.json"))
-        state_dict = read_diffusers_weights(folder)
-        model = cls(config)
-        load_strict(model, state_dict, source=str(folder))
-        return model.to(dtype) if dtype is not None else model
+        model = build_on_meta(lambda: cls(config))
+        load_strict(model, read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype or torch.float32), source=str(folder))
+        return model
 
     @classmethod
     def from_original(cls, state_dict: Mapping[str, torch.Tensor], config: UNetConfig | None = None,
@@ -976,22 +1001,13 @@ class UNet(nn.Module):
             raise FileNotFoundError(f"no U-Net weights at {weights}"
                                     + ("; the ShapesWorld model is trained by ministd.train.unet (see data/README.md)"
                                        if weights == SHAPES_UNET_FILE else ""))
-        config = Path(config) if config is not None else weights.with_suffix(".json")
-        fields = {k: v for k, v in read_json(config).items() if not k.startswith("_")}
-        model = cls(UNetConfig.from_dict(fields))
-        load_strict(model, read_safetensors(weights), source=str(weights))
-        return model.to(dtype).eval()
+        return load_model(weights, lambda fields: cls(UNetConfig.from_dict(fields)), dtype=dtype, config=config)
 
     def save(self, weights: str | Path, dtype: torch.dtype | None = torch.float16,
              extra_config: Mapping[str, Any] | None = None) -> None:
-        """Write weights (float16 by default) and the config as ``.safetensors`` + ``.json``.
-
-        Keys of ``extra_config`` should start with "_" (they are kept, and ignored on loading).
-        """
-        weights = Path(weights)
-        write_safetensors(weights, self.state_dict(), dtype=dtype)
-        config = {**self.config.to_dict(), **(extra_config or {})}
-        weights.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        """Write weights (float16 by default) and the config as ``.safetensors`` + ``.json``
+        (:func:`ministd.weights.save_model`)."""
+        save_model(self, weights, self.config.to_dict(), dtype=dtype, extra_config=extra_config)
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights named in the original layout (without the prefix)."""
@@ -999,23 +1015,12 @@ class UNet(nn.Module):
         return {to_original[k]: v for k, v in self.state_dict().items()}
 
 
-def read_diffusers_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"     # diffusers' file stem: one .safetensors, or shards + .index.json
+
+
+def read_diffusers_weights(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a diffusers model folder: one safetensors file or index-listed shards."""
-    folder = Path(folder)
-    single = folder / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return read_safetensors(single)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
-            state_dict.update(read_safetensors(folder / shard))
-        return state_dict
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return read_safetensors(folder / found[0])
-    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors in {folder} "
-                            f"(safetensors files there: {found})")
+    return read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype)
 
 
 # --------------------------------------------------------------------------

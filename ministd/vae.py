@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import load_strict, read_json, read_safetensors, strip_prefix, write_safetensors
+from ministd.weights import build_on_meta, load_model, load_strict, read_json, read_weights, save_model, strip_prefix
 
 SD_SCALING_FACTOR = 0.18215    # SD 1.x / 2.x (LDM paper, appendix G: 1 / std of the latents)
 SDXL_SCALING_FACTOR = 0.13025  # SDXL's retrained VAE
@@ -528,14 +528,15 @@ class AutoencoderKL(nn.Module):
         """Load a diffusers VAE folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
         ``folder`` may also be a whole pipeline folder with a ``vae/`` inside.
-        Keys and shapes must match exactly (see :func:`ministd.weights.load_strict`).
+        Keys and shapes must match exactly (see :func:`ministd.weights.load_strict`);
+        the network is built on the meta device and takes the tensors, read once in ``dtype``.
         """
         folder = Path(folder)
         if (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
-        model = cls.from_config_dict(read_json(folder / "config.json"))
-        weights = folder / "diffusion_pytorch_model.safetensors"
-        load_strict(model, read_safetensors(weights), source=str(weights))
+        config = VAEConfig.from_dict(read_json(folder / "config.json"))
+        model = build_on_meta(lambda: cls(config))
+        load_strict(model, read_weights(folder, "diffusion_pytorch_model", dtype=dtype), source=str(folder))
         return model._finish_loading(dtype)
 
     @classmethod
@@ -559,21 +560,14 @@ class AutoencoderKL(nn.Module):
     def load(cls, weights: str | Path, config: str | Path | None = None,
              dtype: torch.dtype = torch.float32) -> "AutoencoderKL":
         """Load a ``name.safetensors`` + ``name.json`` pair written by :meth:`save` (e.g. data/shapes_vae)."""
-        weights = Path(weights)
-        config = Path(config) if config is not None else weights.with_suffix(".json")
-        model = cls.from_config_dict(read_json(config))
-        load_strict(model, read_safetensors(weights), source=str(weights))
+        model = load_model(weights, lambda fields: cls(VAEConfig.from_dict(fields)), dtype=dtype, config=config)
         return model._finish_loading(dtype)
 
     def save(self, weights: str | Path, dtype: torch.dtype | None = torch.float16,
              extra_config: Mapping | None = None) -> None:
-        """Write weights (float16 by default) and the config as ``.safetensors`` + ``.json``."""
-        import json
-
-        weights = Path(weights)
-        write_safetensors(weights, self.state_dict(), dtype=dtype)
-        cfg = {**self.config.to_dict(), **(extra_config or {})}
-        weights.with_suffix(".json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        """Write weights (float16 by default) and the config as ``.safetensors`` + ``.json``
+        (:func:`ministd.weights.save_model`)."""
+        save_model(self, weights, self.config.to_dict(), dtype=dtype, extra_config=extra_config)
 
     def _finish_loading(self, dtype: torch.dtype) -> "AutoencoderKL":
         self.to(dtype).eval()

@@ -36,6 +36,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import ministd
 from ministd import checkpoints as C
 from test_tokenizer import write_hf_tokenizer_files
 
@@ -387,6 +388,8 @@ def test_use_ema_loads_the_ema_copy(sd1, tmp_path):
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(C.load_single_file(path).unet.conv_out.weight, tensors[key])
     assert torch.equal(C.load_single_file(path, use_ema=True).unet.conv_out.weight, tensors[key] + 0.5)
+    front_door = ministd.load_pipeline(path, use_ema=True, optimize=False)       # load_pipeline passes it on
+    assert torch.equal(front_door.unet.conv_out.weight, tensors[key] + 0.5)
     with pytest.raises(ValueError, match="no EMA copy"):
         C.load_single_file(sd1[2], use_ema=True)
 

@@ -314,10 +314,42 @@ def test_emphasis_weight_one_is_the_plain_encoding(ours):
 
 
 @pytest.mark.parametrize("kwargs", [dict(prediction_type="v_prediction"), dict(vae="other.safetensors"),
-                                    dict(config={}), dict(allow_pickle=True)])
+                                    dict(config={}), dict(use_ema=True), dict(allow_pickle=True)])
 def test_file_only_options_are_refused_for_folders_and_the_shipped_model(folder, kwargs):
     """Options that only a single file needs are an error for a folder or "shapes", not ignored."""
     name = next(iter(kwargs))
     for where in (folder, "shapes"):
         with pytest.raises(ValueError, match=f"{name} apply to single checkpoint files only"):
             load_pipeline(where, **kwargs)
+
+
+def test_vae_tiling_and_attention_chunking_equal_diffusers_tiling(folder, ours):
+    """Large pictures on small machines: ``enable_vae_tiling`` (tiles of the VAE's sample_size,
+    16 px here) and ``enable_attention_chunking`` give diffusers' img2img with its
+    ``vae.enable_tiling()`` on a 32x32 picture (2x2 overlapping tiles in the encoder and the
+    decoder), to the pipeline tolerance; chunked attention itself changes nothing but
+    the order of float32 sums (checked in test_unet.py)."""
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
+                                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, clip_sample=False)
+    ref.vae.enable_tiling()
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    kwargs = dict(strength=0.7, num_inference_steps=6, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS[1], image=(image + 1) / 2, generator=torch.Generator().manual_seed(6), **kwargs).images[0]
+    untiled = ours.img2img(PROMPTS[1], image, sampler="ddim", generator=torch.Generator().manual_seed(6),
+                           **kwargs).images[0]
+    try:
+        ours.enable_vae_tiling()
+        ours.enable_attention_chunking(7)     # 16 latent tokens per picture at the top level: chunks 7, 7, 2
+        got = ours.img2img(PROMPTS[1], image, sampler="ddim", generator=torch.Generator().manual_seed(6),
+                           **kwargs).images[0]
+    finally:
+        ours.disable_vae_tiling()
+        ours.disable_attention_chunking()
+    assert np.abs(got - expected).max() <= ATOL
+    assert np.abs(untiled - expected).max() > 1e-3        # the seams' blending is really in play
+    with pytest.raises(ValueError, match="tile_size must be a positive multiple of the VAE's factor 2"):
+        ours.enable_vae_tiling(15)
+    with pytest.raises(ValueError, match="query_chunk must be a positive int"):
+        ours.enable_attention_chunking(0)

@@ -540,3 +540,22 @@ def test_shipped_empty_prompt_states_match_the_text_encoder():
     with torch.no_grad():
         expected = TinyCLIP.from_pretrained().text_encoder.eval()(ids).last_hidden_state
     torch.testing.assert_close(shapes_empty_prompt_states(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_in_query_chunks_is_the_same_attention(tiny_sd1):
+    """``set_attention_chunk(n)`` splits the queries of every attention layer into chunks of n
+    tokens; each chunk sees every key, so the output is the same up to float32 summation
+    order (|diff| <= 1e-5, outputs of size ~1), including chunk sizes that do not divide N."""
+    latents, t, text, added = inputs("sd1", tiny_sd1.config)
+    with torch.no_grad():
+        whole = tiny_sd1(latents, t, text)
+        for chunk in (1, 5, 64):
+            tiny_sd1.set_attention_chunk(chunk)
+            try:
+                assert (tiny_sd1(latents, t, text) - whole).abs().max() <= 1e-5
+            finally:
+                tiny_sd1.set_attention_chunk(None)
+    layers = [m for m in tiny_sd1.modules() if isinstance(m, U.Attention)]
+    assert layers and all(m.query_chunk is None for m in layers)
+    with pytest.raises(ValueError, match="query_chunk must be a positive int"):
+        tiny_sd1.set_attention_chunk(2.5)

@@ -44,7 +44,7 @@ import torch
 from ministd.data import COLORS, SHAPES, ShapesWorld, pil_to_tensor
 from ministd.text import TinyCLIP, TinyCLIPConfig, clip_loss
 from ministd.tokenizer import CLIPTokenizer
-from ministd.weights import write_safetensors
+from ministd.weights import save_model
 
 HELD_OUT_SEED = 1_000_003
 BAR = 0.90
@@ -239,17 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = load_checkpoint(args.checkpoint)
         out = Path(args.out)
-        write_safetensors(out, model.state_dict(), dtype=torch.float16,
-                          metadata={"format": "pt", "model": "ministd TinyCLIP (ShapesWorld)"})
-        config = model.config.to_dict()
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        config["training"] = {"step": state["step"], **{k: v for k, v in state["args"].items()
-                                                         if k in ("batch_size", "lr", "seed", "steps")}}
-        out.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+        training = {"step": state["step"], **{k: v for k, v in state["args"].items()
+                                              if k in ("batch_size", "lr", "seed", "steps")}}
+        save_model(model, out, model.config.to_dict(), extra_config={"training": training},
+                   metadata={"format": "pt", "model": "ministd TinyCLIP (ShapesWorld)"})
         # the numbers the book quotes, measured on the float16 weights as shipped
         shipped = TinyCLIP.from_pretrained(out)
         metrics = evaluate(shipped, CLIPTokenizer.from_vocab_file())
-        config["metrics"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        config = {**model.config.to_dict(), "training": training,
+                  "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
         out.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
         print(json.dumps(config["metrics"]))
