@@ -35,6 +35,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "inpaint": 12,        # masks, latent blending, 9-channel inpainting, only-masked crop, outpainting
     "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
     "infotext": 15,       # generation parameters in a PNG, in the web UIs' layout (the command line)
+    "adapters": 16,       # LoRA, textual inversion, hypernetworks: files readers trade, on ministd's networks
     "bench": 15,          # benchmarks against the reference implementation
 }
 

@@ -187,6 +187,41 @@ class StableDiffusionPipeline:
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype), tile_size=self.vae_tile_size)
         return self.vae.scale_latents(posterior.sample(generator)).to(self.unet.dtype)
 
+    # --------------------------------------- adapters (chapter 16: ministd.adapters)
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False) -> str:
+        """Apply a LoRA file (kohya / A1111 or diffusers / PEFT layout) on the fly; returns its name."""
+        from ministd import adapters
+
+        return adapters.load_lora(self, path, scale=scale, name=name, allow_pickle=allow_pickle)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all, ``name=None``): the networks are bitwise what they were."""
+        from ministd import adapters
+
+        adapters.unload_lora(self, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        from ministd import adapters
+
+        adapters.set_lora_scale(self, name, scale)
+
+    def load_textual_inversion(self, path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
+        """Add an embedding's token(s) to the tokenizer(s) and its rows to the text encoder(s)."""
+        from ministd import adapters
+
+        return adapters.load_textual_inversion(self, path, token=token, allow_pickle=allow_pickle)
+
+    def load_hypernetwork(self, path, strength: float = 1.0, allow_pickle: bool = False):
+        """Apply an A1111 hypernetwork (MLPs on the context before to_k / to_v) at ``strength``."""
+        from ministd import adapters
+
+        return adapters.load_hypernetwork(self, path, strength=strength, allow_pickle=allow_pickle)
+
+    def unload_hypernetwork(self) -> None:
+        from ministd import adapters
+
+        adapters.unload_hypernetwork(self)
+
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
     def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None, long_prompts: bool = False,

@@ -33,6 +33,7 @@ ShapesWorld (:class:`TinyCLIP`, :func:`clip_loss`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -41,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import build_on_meta, load_model, load_strict, read_json, read_weights, strip_prefix
+from ministd.weights import (build_on_meta, load_model, load_strict, read_json, read_weights, rename_by_prefix,
+                             strip_prefix)
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 SHAPES_CLIP_FILE = Path(__file__).resolve().parent.parent / "data" / "shapes_clip.safetensors"
@@ -360,51 +362,55 @@ class CLIPTextModel(nn.Module):
 # ---------------------------------------------------------------------------
 # key maps: transformers and OpenCLIP names -> ours
 # ---------------------------------------------------------------------------
+# transformers' names -> ours: the same modules, without the "text_model." level
+TRANSFORMERS_PREFIXES = {"text_model.": ""}
+
+# OpenCLIP's names -> ours, inside transformer.resblocks.{i}. -> encoder.layers.{i}.
+OPENCLIP_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                        "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
 def transformers_to_ministd(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``text_model.X`` -> ``X``; ``text_projection.weight`` stays."""
-    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    """``text_model.X`` -> ``X`` (:data:`TRANSFORMERS_PREFIXES`); ``text_projection.weight`` stays."""
+    return {rename_by_prefix(k, TRANSFORMERS_PREFIXES): v for k, v in state_dict.items()}
 
 
-OPENCLIP_BLOCK_NAMES = {  # inside transformer.resblocks.{i}.
-    "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-}
+def openclip_prefixes(num_layers: int) -> dict[str, str]:
+    """The key map from OpenCLIP's text tower, as a table: OpenCLIP prefix (or whole key) -> ours."""
+    table = {"token_embedding.": "embeddings.token_embedding.",
+             "positional_embedding": "embeddings.position_embedding.weight",   # a bare parameter [L, D]
+             "ln_final.": "final_layer_norm.",
+             "text_projection": "text_projection.weight"}                      # transposed, see below
+    for i in range(num_layers):
+        table.update({f"transformer.resblocks.{i}.{a}.": f"encoder.layers.{i}.{b}."
+                      for a, b in OPENCLIP_BLOCK_NAMES.items()})
+    return table
 
 
 def openclip_to_ministd(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map OpenCLIP's text-tower names (prefix already removed) onto ours.
 
+    Names follow :func:`openclip_prefixes`; two tensors change form too:
+
     - ``attn.in_proj_weight`` [3D, D] stacks the q, k, v projections (the layout
       of ``torch.nn.MultiheadAttention``): split in thirds;
     - ``text_projection`` is a bare matrix used as ``x @ P`` [D, P]; ours is an
-      ``nn.Linear`` computing ``x @ W.T``, so W = P.T;
-    - ``positional_embedding`` is a bare parameter [L, D].
+      ``nn.Linear`` computing ``x @ W.T``, so W = P.T.
     Anything else (``logit_scale``, unknown names) is passed through so the
     strict loader reports it.
     """
+    layers = [int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))]
+    table = openclip_prefixes(max(layers) + 1 if layers else 0)
     out = {}
     for key, value in state_dict.items():
-        if key == "token_embedding.weight":
-            out["embeddings.token_embedding.weight"] = value
-        elif key == "positional_embedding":
-            out["embeddings.position_embedding.weight"] = value
-        elif key.startswith("ln_final."):
-            out["final_layer_norm." + key.removeprefix("ln_final.")] = value
+        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
+        if m:
+            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = chunk.contiguous()
         elif key == "text_projection":
-            out["text_projection.weight"] = value.T.contiguous()
-        elif key.startswith("transformer.resblocks."):
-            i, rest = key.removeprefix("transformer.resblocks.").split(".", 1)
-            base = f"encoder.layers.{i}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = rest.rsplit("_", 1)[1]  # weight / bias
-                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{base}self_attn.{name}.{kind}"] = chunk.contiguous()
-            else:
-                module, param = rest.rsplit(".", 1)
-                out[base + OPENCLIP_BLOCK_NAMES.get(module, module) + "." + param] = value
+            out[table[key]] = value.T.contiguous()
         else:
-            out[key] = value
+            out[rename_by_prefix(key, table)] = value
     return out
 
 

@@ -37,6 +37,7 @@ import html
 import json
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -198,6 +199,26 @@ class CLIPTokenizer:
         specials = sorted({BOS_TOKEN, EOS_TOKEN, pad_token}, key=len, reverse=True)
         self.special_tokens = specials
         self.special_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in specials) + ")")
+        # words added after training (textual inversion, chapter 16): token -> the entries it stands for
+        self.added_tokens: dict[str, list[str]] = {}
+
+    def add_tokens(self, tokens: Sequence[str], first_id: int) -> None:
+        """Teach the tokenizer new words: ``tokens[k]`` gets id ``first_id + k``.
+
+        Like the special tokens, an added token typed in a prompt is kept whole
+        (before cleanup, case as typed), and ``tokens[0]`` stands for all of
+        them: a 3-vector embedding ``<star>`` adds ``<star>``, ``<star>_1``,
+        ``<star>_2``, and "a <star>" encodes to all three ids (diffusers'
+        multi-vector textual inversion). The text encoder must get rows for these ids.
+        """
+        tokens = list(tokens)
+        for k, token in enumerate(tokens):
+            self.encoder[token] = first_id + k
+            self.decoder[first_id + k] = token
+            self.added_tokens[token] = [token]
+        self.added_tokens[tokens[0]] = tokens
+        self.special_tokens = sorted({*self.special_tokens, *tokens}, key=len, reverse=True)
+        self.special_pattern = regex.compile("(" + "|".join(regex.escape(t) for t in self.special_tokens) + ")")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -263,7 +284,7 @@ class CLIPTokenizer:
         out = []
         for i, part in enumerate(self.special_pattern.split(check_prompt(text))):
             if i % 2 == 1:
-                out.append((part, True))
+                out += [(p, True) for p in self.added_tokens.get(part, [part])]
             elif cleaned := self.clean_segment(part):
                 out.append((cleaned, False))
         return out
@@ -342,13 +363,22 @@ class CLIPTokenizer:
         CLIP's splitting loses the spaces between symbols and words, so
         "a photo, 4k" decodes to "a photo , 4 k".
         """
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
         special = {self.bos_token_id, self.eos_token_id}
-        chars = "".join(self.decoder[int(i)] for i in ids
-                        if not (skip_special_tokens and int(i) in special))
+        words, run = [], []
+        for i in [*ids, None]:                    # added tokens are words of their own, not bytes
+            if i is None or self.decoder[i] in self.added_tokens:
+                words.append(self._decode_bytes([j for j in run if not (skip_special_tokens and j in special)]))
+                words.append(self.decoder[i] if i is not None else "")
+                run = []
+            else:
+                run.append(i)
+        return " ".join(w for w in words if w)
+
+    def _decode_bytes(self, ids: list[int]) -> str:
         # "<", "/", "w", ">" are byte characters themselves, so the whole
         # string turns back into bytes and the word ends become spaces after.
-        raw = bytes(self.byte_decoder[c] for c in chars)
+        raw = bytes(self.byte_decoder[c] for c in "".join(self.decoder[i] for i in ids))
         return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
     def token_spans(self, text: str) -> list[TokenSpan]:

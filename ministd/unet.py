@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ministd.weights import (WeightsMismatchError, build_on_meta, load_model, load_strict, read_json,
-                             read_safetensors, read_weights, save_model, strip_prefix)
+                             read_safetensors, read_weights, rename_by_prefix, save_model, strip_prefix)
 
 # --------------------------------------------------------------------------
 # Configuration: data, not subclasses
@@ -1030,64 +1030,61 @@ def read_diffusers_weights(folder: str | Path, dtype: torch.dtype | None = None)
 ORIGINAL_PREFIX = "model.diffusion_model."
 
 # inside a ResnetBlock: our name -> the original ResBlock's Sequential indices
-_RESNET_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+RESNET_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
-_FIXED_ORIGINAL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-                   "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-                   "mid_block.resnets.1": "middle_block.2"}
+# modules outside the levels: ours -> original
+FIXED_ORIGINAL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                  "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+                  "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                  "mid_block.attentions.0": "middle_block.1"}
 
 
-def _original_name(key: str, config: UNetConfig) -> str:
-    """One parameter name, ours (diffusers layout) -> original layout.
+def original_prefixes(config: UNetConfig) -> dict[str, str]:
+    """The key map to the original layout, as a table: our module prefix -> the original's.
 
     The original U-Net keeps flat lists: ``input_blocks`` = [conv_in, then per
     level ``layers_per_block`` x [ResBlock, SpatialTransformer?] and a
     [Downsample]], ``middle_block`` = [ResBlock, SpatialTransformer, ResBlock],
     ``output_blocks`` = per level ``layers_per_block + 1`` x
-    [ResBlock, SpatialTransformer?, Upsample?].
+    [ResBlock, SpatialTransformer?, Upsample?], counted from the bottom level
+    (as our ``up_blocks``). Inside a SpatialTransformer the names are the same
+    in both layouts; inside a ResBlock they follow :data:`RESNET_ORIGINAL`.
+    Print it to read it: ``for ours, theirs in original_prefixes(sd1()).items(): ...``.
     """
-    for ours, theirs in _FIXED_ORIGINAL.items():
-        if key.startswith(ours + "."):
-            rest = key[len(ours) + 1:]
-            if ".resnets." in ours:
-                rest = _rename_resnet(rest)
-            return f"{theirs}.{rest}"
-    parts = key.split(".")
-    path, level, kind = parts[0], int(parts[1]), parts[2]
-    per_level = config.layers_per_block + 1
-    if path == "down_blocks":
-        if kind == "downsamplers":                 # down_blocks.L.downsamplers.0.conv.* -> op.*
-            return f"input_blocks.{(level + 1) * per_level}.0.op.{'.'.join(parts[5:])}"
-        j, rest = int(parts[3]), ".".join(parts[4:])
-        index = 1 + level * per_level + j
-    elif path == "up_blocks":                      # up_blocks are numbered from the bottom level
-        if kind == "upsamplers":
-            has_attention = config.attention_levels[config.num_levels - 1 - level]
-            return (f"output_blocks.{level * per_level + per_level - 1}."
-                    f"{2 if has_attention else 1}.conv.{'.'.join(parts[5:])}")
-        j, rest = int(parts[3]), ".".join(parts[4:])
-        index = level * per_level + j
-    else:
-        raise KeyError(f"no original-layout name for {key!r}")
-    blocks = "input_blocks" if path == "down_blocks" else "output_blocks"
-    if kind == "resnets":
-        return f"{blocks}.{index}.0.{_rename_resnet(rest)}"
-    if kind == "attentions":                      # SpatialTransformer names are the same in both layouts
-        return f"{blocks}.{index}.1.{rest}"
-    raise KeyError(f"no original-layout name for {key!r}")
+    table = {f"{ours}.": f"{theirs}." for ours, theirs in FIXED_ORIGINAL.items()}
 
+    def resnet(ours: str, theirs: str) -> None:
+        table.update({f"{ours}.{a}.": f"{theirs}.{b}." for a, b in RESNET_ORIGINAL.items()})
 
-def _rename_resnet(rest: str) -> str:
-    first, _, tail = rest.partition(".")
-    return f"{_RESNET_ORIGINAL[first]}.{tail}"
+    resnet("mid_block.resnets.0", "middle_block.0")
+    resnet("mid_block.resnets.1", "middle_block.2")
+    per_level, last = config.layers_per_block + 1, config.num_levels - 1
+    for level in range(config.num_levels):
+        for j in range(config.layers_per_block):
+            index = 1 + level * per_level + j
+            resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{index}.0")
+            if config.attention_levels[level]:
+                table[f"down_blocks.{level}.attentions.{j}."] = f"input_blocks.{index}.1."
+        if level < last:
+            table[f"down_blocks.{level}.downsamplers.0.conv."] = f"input_blocks.{(level + 1) * per_level}.0.op."
+    for level in range(config.num_levels):            # up_blocks count from the bottom level
+        attends = config.attention_levels[last - level]
+        for j in range(per_level):
+            index = level * per_level + j
+            resnet(f"up_blocks.{level}.resnets.{j}", f"output_blocks.{index}.0")
+            if attends:
+                table[f"up_blocks.{level}.attentions.{j}."] = f"output_blocks.{index}.1."
+        if level < last:
+            table[f"up_blocks.{level}.upsamplers.0.conv."] = \
+                f"output_blocks.{index}.{2 if attends else 1}.conv."
+    return table
 
 
 def original_key_map(model: UNet) -> dict[str, str]:
     """Every parameter name of ``model`` -> its name in the original layout (no prefix)."""
-    return {k: _original_name(k, model.config) for k in model.state_dict()}
+    table = original_prefixes(model.config)
+    return {k: rename_by_prefix(k, table) for k in model.state_dict()}
 
 
 def config_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int | tuple[int, ...] | None = None,

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import build_on_meta, load_model, load_strict, read_json, read_weights, save_model, strip_prefix
+from ministd.weights import (build_on_meta, load_model, load_strict, read_json, read_weights, rename_by_prefix,
+                             save_model, strip_prefix)
 
 SD_SCALING_FACTOR = 0.18215    # SD 1.x / 2.x (LDM paper, appendix G: 1 / std of the latents)
 SDXL_SCALING_FACTOR = 0.13025  # SDXL's retrained VAE
@@ -599,65 +600,66 @@ def _cross_fade(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torc
 # The original (CompVis / Stability) single-file layout
 # --------------------------------------------------------------------------- #
 
-# Renames inside one block, original -> ours.
-_RESNET_RENAMES = {"nin_shortcut": "conv_shortcut"}
-_ATTENTION_RENAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_TOP_RENAMES = {"norm_out": "conv_norm_out"}
+# inside the middle block's attention: original -> ours
+ATTENTION_ORIGINAL = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def original_prefixes(levels: int, encoder_blocks: int, decoder_blocks: int) -> dict[str, str]:
+    """The key map from the original layout, as a table: original module prefix -> ours.
+
+    For a VAE of ``levels`` resolution levels with ``encoder_blocks`` ResNet
+    blocks per encoder level and ``decoder_blocks`` per decoder level
+    (``layers_per_block`` and one more). The layouts differ in
+
+    * names: ``down.{i}.block.{j}`` -> ``down_blocks.{i}.resnets.{j}``, ``mid.block_1`` ->
+      ``mid_block.resnets.0``, ``mid.attn_1.q`` -> ``mid_block.attentions.0.to_q``,
+      ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``;
+    * the order of decoder levels: the original ``up.{i}`` counts from the *highest*
+      resolution, ours from the lowest, so ``up.{i}`` -> ``up_blocks.{levels-1-i}``.
+    """
+    table: dict[str, str] = {}
+    for part, kind, ours_kind, blocks, sampler in (("encoder", "down", "down_blocks", encoder_blocks, "downsample"),
+                                                   ("decoder", "up", "up_blocks", decoder_blocks, "upsample")):
+        for i in range(levels):
+            level = i if kind == "down" else levels - 1 - i
+            theirs, ours = f"{part}.{kind}.{i}.", f"{part}.{ours_kind}.{level}."
+            for j in range(blocks):
+                table[f"{theirs}block.{j}."] = f"{ours}resnets.{j}."
+                table[f"{theirs}block.{j}.nin_shortcut."] = f"{ours}resnets.{j}.conv_shortcut."
+            table[f"{theirs}{sampler}."] = f"{ours}{sampler}rs.0."
+        table[f"{part}.mid.block_1."] = f"{part}.mid_block.resnets.0."
+        table[f"{part}.mid.block_2."] = f"{part}.mid_block.resnets.1."
+        for a, b in ATTENTION_ORIGINAL.items():
+            table[f"{part}.mid.attn_1.{a}."] = f"{part}.mid_block.attentions.0.{b}."
+        table[f"{part}.norm_out."] = f"{part}.conv_norm_out."
+    return table
+
+
+def _count(keys, pattern: str) -> int:
+    """1 + the largest number ``pattern`` (a regex with one group) finds in ``keys``, or 0."""
+    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    return max(found) + 1 if found else 0
 
 
 def convert_original_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an original-layout VAE state dict to ours (the diffusers names).
 
-    ``first_stage_model.`` is stripped if present. The original layout differs in
-
-    * names: ``down.{i}.block.{j}`` -> ``down_blocks.{i}.resnets.{j}``, ``mid.block_1`` ->
-      ``mid_block.resnets.0``, ``mid.attn_1.q`` -> ``mid_block.attentions.0.to_q``,
-      ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``;
-    * order of decoder levels: original ``up.{i}`` counts from the *highest*
-      resolution, ours from the lowest, so ``up.{i}`` -> ``up_blocks.{n-1-i}``;
-    * attention projections: 1×1 convolutions [C, C, 1, 1] there, linear [C, C] here.
-
-    Keys that match no rule are passed through unchanged, so a strict load
-    reports them as unexpected instead of dropping them.
+    ``first_stage_model.`` is stripped if present. Names follow the table of
+    :func:`original_prefixes`, sized by the levels and blocks the keys show; the
+    middle attention's projections are 1×1 convolutions [C, C, 1, 1] there and
+    linear layers [C, C] here. Keys that match no entry are passed through
+    unchanged, so a strict load reports them as unexpected instead of dropping them.
     """
     if any(k.startswith("first_stage_model.") for k in state_dict):
         state_dict = strip_prefix(state_dict, "first_stage_model.")
-    ups = [int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
-    n_up = max(ups) + 1 if ups else 0
+    table = original_prefixes(levels=max(_count(state_dict, r"encoder\.down\.(\d+)\."),
+                                         _count(state_dict, r"decoder\.up\.(\d+)\.")),
+                              encoder_blocks=_count(state_dict, r"encoder\.down\.\d+\.block\.(\d+)\."),
+                              decoder_blocks=_count(state_dict, r"decoder\.up\.\d+\.block\.(\d+)\."))
     out = {}
     for key, value in state_dict.items():
-        new = _rename_original_key(key, n_up)
+        new = rename_by_prefix(key, table)
         if ".attentions.0.to_" in new and new.endswith(".weight") and value.ndim == 4:
             value = value[:, :, 0, 0]  # 1×1 conv -> linear
         out[new] = value
     return out
-
-
-def _rename_original_key(key: str, n_up: int) -> str:
-    part, _, rest = key.partition(".")  # "encoder" / "decoder" / "quant_conv" ...
-    if part not in ("encoder", "decoder"):
-        return key
-    m = re.match(r"(down|up)\.(\d+)\.(block|downsample|upsample)\.(.*)$", rest)
-    if m:
-        kind, level, what, tail = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-        blocks = "down_blocks" if kind == "down" else "up_blocks"
-        if kind == "up":
-            level = n_up - 1 - level
-        if what == "block":
-            j, _, name = tail.partition(".")
-            name = _rename_first(name, _RESNET_RENAMES)
-            return f"{part}.{blocks}.{level}.resnets.{j}.{name}"
-        return f"{part}.{blocks}.{level}.{what}rs.0.{tail}"
-    m = re.match(r"mid\.block_(\d)\.(.*)$", rest)
-    if m:
-        return f"{part}.mid_block.resnets.{int(m.group(1)) - 1}.{_rename_first(m.group(2), _RESNET_RENAMES)}"
-    m = re.match(r"mid\.attn_1\.(.*)$", rest)
-    if m:
-        return f"{part}.mid_block.attentions.0.{_rename_first(m.group(1), _ATTENTION_RENAMES)}"
-    return f"{part}.{_rename_first(rest, _TOP_RENAMES)}"
-
-
-def _rename_first(name: str, renames: Mapping[str, str]) -> str:
-    """Rename the first dotted component of ``name`` if it is in ``renames``."""
-    head, dot, tail = name.partition(".")
-    return renames.get(head, head) + dot + tail

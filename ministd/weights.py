@@ -133,6 +133,34 @@ def read_json(path: str | Path) -> dict:
     return value
 
 
+def rename_by_prefix(key: str, table: Mapping[str, str]) -> str:
+    """``key`` renamed by a prefix table: its longest prefix that ``table`` holds is replaced.
+
+    Tables map names as one layout writes them to names as another does,
+    module by module, e.g. ``{"input_blocks.1.0.in_layers.0.": "down_blocks.0.resnets.0.norm1."}``
+    (prefixes end with "."; a whole key may be an entry too). A key that no entry
+    matches is returned unchanged, so a strict load then reports it by name.
+    Every key map of ministd (U-Net, VAE and text encoders in the original
+    single-file layout) is such a table, printable and scanned by eye.
+    """
+    if key in table:
+        return table[key]
+    cut = len(key)
+    while (cut := key.rfind(".", 0, cut)) != -1:
+        new = table.get(key[:cut + 1])
+        if new is not None:
+            return new + key[cut + 1:]
+    return key
+
+
+def inverted(table: Mapping[str, str]) -> dict[str, str]:
+    """The table read the other way (its entries must be one-to-one)."""
+    back = {new: old for old, new in table.items()}
+    if len(back) != len(table):
+        raise ValueError("this prefix table maps two names onto one: it cannot be inverted")
+    return back
+
+
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries whose key starts with ``prefix``, with the prefix removed.
 
