@@ -551,7 +551,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if unet.config.addition_time_embed_dim is None:
             raise ValueError("an SDXL pipeline needs an SDXL U-Net (with addition_embed_type 'text_time'); "
                              "this one has none: load it as a StableDiffusionPipeline")
-        got = (unet.config.addition_embed_dim - text_encoder_2.config.projection_dim) // unet.config.addition_time_embed_dim
+        got = (unet.config.projection_class_embeddings_input_dim - text_encoder_2.config.projection_dim) // unet.config.addition_time_embed_dim
         if got != expected:
             raise ValueError(f"this U-Net embeds {got} time ids, but requires_aesthetics_score="
                              f"{requires_aesthetics_score} means {expected} (6 for the base, 5 for the refiner)")

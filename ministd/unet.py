@@ -39,7 +39,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,14 @@ class UNetConfig:
     *number* of heads (8 at every level, so the head width grows 40/80/160),
     SD 2.x and SDXL fix the *head width* (64, so the number of heads grows).
     Give exactly one of ``num_heads`` (int or per level) and ``head_dim``.
+
+    Field names are diffusers' (``UNet2DConditionModel``) where they say what
+    they hold; three say it more plainly here, translated in one place
+    (:func:`from_diffusers_config`, :meth:`to_diffusers_config`):
+    ``attention_levels`` (diffusers: ``down_block_types``, "CrossAttnDownBlock2D"
+    or "DownBlock2D" per level), ``num_heads`` / ``head_dim`` (diffusers'
+    ``attention_head_dim`` holds head *counts* for every family, a historical
+    slip) and ``mid_transformer_depth`` (diffusers ties it to the last level's).
     """
 
     in_channels: int = 4                      # 9 for inpainting: latents + mask + masked-image latents
@@ -71,7 +79,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2                 # ResnetBlocks per down level (up levels have one more)
     attention_levels: tuple[bool, ...] = (True, True, True, False)
-    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)   # transformer blocks per SpatialTransformer, per level
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)   # transformer blocks per SpatialTransformer, per level
     mid_transformer_depth: int = 1
     num_heads: int | tuple[int, ...] | None = 8
     head_dim: int | None = None
@@ -79,7 +87,8 @@ class UNetConfig:
     use_linear_projection: bool = False       # SpatialTransformer proj_in/out: 1x1 conv (SD1) or linear (SD2+)
     upcast_attention: bool = False            # compute attention in float32 even for half-precision models
     addition_time_embed_dim: int | None = None   # SDXL: each time id -> 256 Fourier features
-    addition_embed_dim: int | None = None        # SDXL "adm_in_channels": pooled text + 256 x number of time ids
+    # SDXL ("adm_in_channels" in the original code): pooled text width + addition_time_embed_dim x time ids
+    projection_class_embeddings_input_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     norm_num_groups: int = 32
@@ -90,12 +99,12 @@ class UNetConfig:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         levels = len(self.block_out_channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
-        if isinstance(self.transformer_depth, int):
-            self.transformer_depth = (self.transformer_depth,) * levels
-        self.transformer_depth = tuple(int(d) for d in self.transformer_depth)
+        if isinstance(self.transformer_layers_per_block, int):
+            self.transformer_layers_per_block = (self.transformer_layers_per_block,) * levels
+        self.transformer_layers_per_block = tuple(int(d) for d in self.transformer_layers_per_block)
         if isinstance(self.num_heads, (list, tuple)):
             self.num_heads = tuple(int(h) for h in self.num_heads)
-        for name in ("attention_levels", "transformer_depth"):
+        for name in ("attention_levels", "transformer_layers_per_block"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{name} must have one entry per level ({levels}), "
                                  f"got {getattr(self, name)}")
@@ -104,8 +113,9 @@ class UNetConfig:
                              f"got {self.num_heads}")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("give exactly one of num_heads (SD 1.x style) and head_dim (SD 2.x/SDXL style)")
-        if (self.addition_time_embed_dim is None) != (self.addition_embed_dim is None):
-            raise ValueError("addition_time_embed_dim and addition_embed_dim go together (SDXL-type U-Nets)")
+        if (self.addition_time_embed_dim is None) != (self.projection_class_embeddings_input_dim is None):
+            raise ValueError("addition_time_embed_dim and projection_class_embeddings_input_dim go together "
+                             "(SDXL-type U-Nets)")
         for level, channels in enumerate(self.block_out_channels):
             if channels % self.norm_num_groups:
                 raise ValueError(f"block_out_channels[{level}]={channels} is not divisible by "
@@ -131,7 +141,7 @@ class UNetConfig:
     @property
     def is_sdxl_type(self) -> bool:
         """True when the U-Net needs ``added_cond`` (pooled text + time ids)."""
-        return self.addition_embed_dim is not None
+        return self.projection_class_embeddings_input_dim is not None
 
     def heads_at(self, level: int) -> int:
         """Number of attention heads at ``level`` (the mid block uses the last level's)."""
@@ -159,8 +169,13 @@ class UNetConfig:
         """Plain JSON-able dict (tuples become lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+    # names this config used before it took diffusers' (files written then still load)
+    OLD_NAMES: ClassVar[dict[str, str]] = {"transformer_depth": "transformer_layers_per_block",
+                                           "addition_embed_dim": "projection_class_embeddings_input_dim"}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
+        d = {cls.OLD_NAMES.get(k, k): v for k, v in d.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -177,8 +192,8 @@ class UNetConfig:
         heads = [self._heads_for_config(i) for i in range(levels)]
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels)]
-        depth = list(self.transformer_depth[:-1]) + [self.mid_transformer_depth]
-        if self.transformer_depth[-1] != self.mid_transformer_depth and self.attention_levels[-1]:
+        depth = list(self.transformer_layers_per_block[:-1]) + [self.mid_transformer_depth]
+        if self.transformer_layers_per_block[-1] != self.mid_transformer_depth and self.attention_levels[-1]:
             raise ValueError("diffusers ties the last level's transformer depth to the mid block's; "
                              "this config cannot be written as a diffusers config")
         cfg: dict[str, Any] = {
@@ -201,7 +216,7 @@ class UNetConfig:
         if self.is_sdxl_type:
             cfg.update(addition_embed_type="text_time",
                        addition_time_embed_dim=self.addition_time_embed_dim,
-                       projection_class_embeddings_input_dim=self.addition_embed_dim)
+                       projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
         return cfg
 
 
@@ -284,7 +299,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> UNetConfig:
         block_out_channels=channels,
         layers_per_block=lpb,
         attention_levels=attention,
-        transformer_depth=depth,
+        transformer_layers_per_block=depth,
         mid_transformer_depth=depth[-1],
         num_heads=heads,
         head_dim=None,
@@ -292,7 +307,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> UNetConfig:
         use_linear_projection=bool(config.get("use_linear_projection", False)),
         upcast_attention=bool(config.get("upcast_attention", False)),
         addition_time_embed_dim=config.get("addition_time_embed_dim") if add_type else None,
-        addition_embed_dim=config.get("projection_class_embeddings_input_dim") if add_type else None,
+        projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim") if add_type else None,
         flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
         freq_shift=int(config.get("freq_shift", 0)),
         norm_num_groups=config.get("norm_num_groups", 32),
@@ -331,10 +346,10 @@ def sdxl_base() -> UNetConfig:
     """SDXL base 1.0: three levels, no attention at the top level, 1/2/10 transformer blocks,
     2048-wide context (CLIP-L + bigG), pooled text + 6 time ids added to the time embedding."""
     return UNetConfig(block_out_channels=(320, 640, 1280), attention_levels=(False, True, True),
-                      transformer_depth=(1, 2, 10), mid_transformer_depth=10,
+                      transformer_layers_per_block=(1, 2, 10), mid_transformer_depth=10,
                       num_heads=None, head_dim=64, cross_attention_dim=2048,
                       use_linear_projection=True, addition_time_embed_dim=256,
-                      addition_embed_dim=1280 + 6 * 256, sample_size=128)
+                      projection_class_embeddings_input_dim=1280 + 6 * 256, sample_size=128)
 
 
 def sdxl_refiner() -> UNetConfig:
@@ -342,10 +357,10 @@ def sdxl_refiner() -> UNetConfig:
     bigG context (1280), pooled text + 5 time ids (sizes, crop and aesthetic score)."""
     return UNetConfig(block_out_channels=(384, 768, 1536, 1536),
                       attention_levels=(False, True, True, False),
-                      transformer_depth=(4, 4, 4, 4), mid_transformer_depth=4,
+                      transformer_layers_per_block=(4, 4, 4, 4), mid_transformer_depth=4,
                       num_heads=None, head_dim=64, cross_attention_dim=1280,
                       use_linear_projection=True, addition_time_embed_dim=256,
-                      addition_embed_dim=1280 + 5 * 256, sample_size=128)
+                      projection_class_embeddings_input_dim=1280 + 5 * 256, sample_size=128)
 
 
 def shapes_tiny(cross_attention_dim: int = 128) -> UNetConfig:
@@ -363,7 +378,7 @@ def shapes_tiny(cross_attention_dim: int = 128) -> UNetConfig:
     timestep is added (see :class:`ResnetBlock`) would erase it.
     """
     return UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1,
-                      attention_levels=(True, True, True), transformer_depth=(1, 1, 1),
+                      attention_levels=(True, True, True), transformer_layers_per_block=(1, 1, 1),
                       mid_transformer_depth=1, num_heads=None, head_dim=32,
                       cross_attention_dim=cross_attention_dim, use_linear_projection=True,
                       norm_num_groups=8, sample_size=16)
@@ -655,7 +670,7 @@ def _attentions(config: UNetConfig, level: int, channels: int, count: int) -> nn
     if not config.attention_levels[level]:
         return None
     return nn.ModuleList(
-        SpatialTransformer(channels, config.heads_at(level), config.transformer_depth[level],
+        SpatialTransformer(channels, config.heads_at(level), config.transformer_layers_per_block[level],
                            config.cross_attention_dim, config.norm_num_groups,
                            config.use_linear_projection, config.upcast_attention)
         for _ in range(count))
@@ -778,7 +793,7 @@ class UNet(nn.Module):
     - timestep: int/float, 0-d tensor or [B] tensor (fractional values allowed)
     - encoder_hidden_states [B, T, cross_attention_dim]: the text states
     - added_cond (SDXL-type only): {"text_embeds": [B, P], "time_ids": [B, N]}
-      with P + N * addition_time_embed_dim = addition_embed_dim
+      with P + N * addition_time_embed_dim = projection_class_embeddings_input_dim
       (SDXL base: P=1280, N=6; refiner: P=1280, N=5)
 
     returns the prediction [B, C_out, H, W] (epsilon or v, as the model was trained).
@@ -790,7 +805,7 @@ class UNet(nn.Module):
         ch = config.block_out_channels
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
-        self.add_embedding = (TimestepEmbedding(config.addition_embed_dim, config.time_embed_dim)
+        self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
                               if config.is_sdxl_type else None)
 
         self.down_blocks = nn.ModuleList()
@@ -886,13 +901,13 @@ class UNet(nn.Module):
                 raise ValueError("added_cond must be None: this U-Net has no additional (SDXL) embeddings")
             return
         need = (f"added_cond={{'text_embeds': [{b}, P], 'time_ids': [{b}, N]}} with "
-                f"P + {c.addition_time_embed_dim}*N = {c.addition_embed_dim} "
+                f"P + {c.addition_time_embed_dim}*N = {c.projection_class_embeddings_input_dim} "
                 "(SDXL base: P=1280, N=6; refiner: P=1280, N=5)")
         if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
             raise ValueError(f"this SDXL-type U-Net needs {need}")
         te, ti = added_cond["text_embeds"], added_cond["time_ids"]
         if (te.ndim != 2 or ti.ndim != 2 or te.shape[0] != b or ti.shape[0] != b
-                or te.shape[1] + c.addition_time_embed_dim * ti.shape[1] != c.addition_embed_dim):
+                or te.shape[1] + c.addition_time_embed_dim * ti.shape[1] != c.projection_class_embeddings_input_dim):
             raise ValueError(f"this SDXL-type U-Net needs {need}; got text_embeds {list(te.shape)}, "
                              f"time_ids {list(ti.shape)}")
 
@@ -1136,10 +1151,10 @@ def config_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int 
         in_channels=state_dict["input_blocks.0.0.weight"].shape[1],
         out_channels=state_dict["out.2.weight"].shape[0],
         block_out_channels=tuple(channels), layers_per_block=per_level,
-        attention_levels=tuple(attention), transformer_depth=tuple(depths), mid_transformer_depth=mid_depth,
+        attention_levels=tuple(attention), transformer_layers_per_block=tuple(depths), mid_transformer_depth=mid_depth,
         num_heads=num_heads, head_dim=head_dim, cross_attention_dim=context,
         use_linear_projection=state_dict["middle_block.1.proj_in.weight"].ndim == 2,
         upcast_attention=(context == 1024) if upcast_attention is None else upcast_attention,
         addition_time_embed_dim=addition_time_embed_dim if sdxl else None,
-        addition_embed_dim=state_dict["label_emb.0.0.weight"].shape[1] if sdxl else None,
+        projection_class_embeddings_input_dim=state_dict["label_emb.0.0.weight"].shape[1] if sdxl else None,
         norm_num_groups=norm_num_groups, sample_size=sample_size)

@@ -66,7 +66,7 @@ def sd_pipe(tokenizers, context: int = 16) -> StableDiffusionPipeline:
     """SD 1.x-type: 1x1-conv proj_in, channels 8 -> 16 (so conv_shortcut), context ``context``."""
     torch.manual_seed(1)
     unet = UNet(UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, True),
-                           transformer_depth=(1, 1), num_heads=2, cross_attention_dim=context,
+                           transformer_layers_per_block=(1, 1), num_heads=2, cross_attention_dim=context,
                            norm_num_groups=4, sample_size=8)).double().eval()
     # vae and scheduler are not used by the adapters (nothing here samples)
     return StableDiffusionPipeline(copy.deepcopy(tokenizers[0]), _encoder(context), unet, None, None)
@@ -76,9 +76,9 @@ def xl_pipe(tokenizers) -> StableDiffusionXLPipeline:
     """SDXL-type: no attention at level 0, linear proj_in, encoders 16 + 24 wide, pooled 8, 6 time ids."""
     torch.manual_seed(2)
     unet = UNet(UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True),
-                           transformer_depth=(1, 2), mid_transformer_depth=2, num_heads=None, head_dim=4,
+                           transformer_layers_per_block=(1, 2), mid_transformer_depth=2, num_heads=None, head_dim=4,
                            cross_attention_dim=40, use_linear_projection=True, norm_num_groups=4,
-                           addition_time_embed_dim=4, addition_embed_dim=8 + 6 * 4, sample_size=8)).double().eval()
+                           addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4, sample_size=8)).double().eval()
     return StableDiffusionXLPipeline(copy.deepcopy(tokenizers[0]), _encoder(16, seed=3),
                                      copy.deepcopy(tokenizers[1]), _encoder(24, projection=8, seed=4), unet, None, None)
 

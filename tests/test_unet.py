@@ -308,10 +308,10 @@ def test_config_read_off_full_size_original_names(name):
     assert found.attention_levels == preset.attention_levels
     assert [found.heads_at(i) for i in levels if preset.attention_levels[i]] == \
         [preset.heads_at(i) for i in levels if preset.attention_levels[i]]
-    assert [found.transformer_depth[i] for i in levels if preset.attention_levels[i]] == \
-        [preset.transformer_depth[i] for i in levels if preset.attention_levels[i]]
+    assert [found.transformer_layers_per_block[i] for i in levels if preset.attention_levels[i]] == \
+        [preset.transformer_layers_per_block[i] for i in levels if preset.attention_levels[i]]
     for field in ("in_channels", "layers_per_block", "mid_transformer_depth", "cross_attention_dim",
-                  "use_linear_projection", "upcast_attention", "addition_embed_dim", "sample_size"):
+                  "use_linear_projection", "upcast_attention", "projection_class_embeddings_input_dim", "sample_size"):
         assert getattr(found, field) == getattr(preset, field), field
 
 
@@ -413,6 +413,11 @@ def test_config_dict_round_trip():
     for make in U.PRESETS.values():
         config = make()
         assert U.UNetConfig.from_dict(config.to_dict()) == config
+    # files written before the config took diffusers' names still load, to the same config
+    back = {new: old for old, new in U.UNetConfig.OLD_NAMES.items()}
+    old = {back.get(k, k): v for k, v in U.sdxl_base().to_dict().items()}
+    assert "transformer_depth" in old and "addition_embed_dim" in old
+    assert U.UNetConfig.from_dict(old) == U.sdxl_base()
 
 
 # --------------------------------------------------------------------------

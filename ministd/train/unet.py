@@ -250,7 +250,7 @@ def build_unet(args, context_dim: int) -> UNet:
     config = shapes_tiny(cross_attention_dim=context_dim)
     config.block_out_channels = tuple(args.channels)
     config.attention_levels = (True,) * len(args.channels)
-    config.transformer_depth = (1,) * len(args.channels)
+    config.transformer_layers_per_block = (1,) * len(args.channels)
     config.layers_per_block = args.layers_per_block
     config = UNetConfig.from_dict(config.to_dict())     # re-validate
     return UNet(config)
