@@ -582,8 +582,8 @@ class _Plan:
         if left:  # state outside the state dict would need building for real
             raise RuntimeError(f"{self.name}: {left[:3]} were not loaded")
         self.model.eval()
-        if isinstance(self.model, AutoencoderKL) and dtype != torch.float32 and self.model.config.force_upcast:
-            self.model.upcast_decoder()       # SD's VAE decodes in float32 (FACTS.md, VAE)
+        if isinstance(self.model, AutoencoderKL) and dtype == torch.float16 and self.model.config.force_upcast:
+            self.model.upcast_decoder()       # decodes in float32 under float16 (FACTS.md, VAE; not bfloat16)
         return self.model
 
 

@@ -83,7 +83,7 @@ class VAEConfig:
     mid_block_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    force_upcast: bool = True   # decode in float32 when the weights are float16 (SDXL overflows)
+    force_upcast: bool = True   # decode in float32 when the weights are float16 (SDXL overflows; not bfloat16)
     sample_size: int = 512      # default tile side (pixels) for tiled encode/decode
 
     def __post_init__(self):
@@ -484,6 +484,10 @@ class AutoencoderKL(nn.Module):
 
         The SDXL VAE's activations exceed float16's range (65504) inside the
         decoder and turn into inf/NaN (black pictures); float32 avoids it.
+        Loading in float16 does this when the config's ``force_upcast`` says so;
+        bfloat16 reaches as far as float32 (8 exponent bits), so a bfloat16 VAE
+        decodes in bfloat16, with half the activation memory (diffusers' SDXL
+        pipeline upcasts for float16 only, too).
         """
         self.decoder.float()
         if self.post_quant_conv is not None:
@@ -572,8 +576,8 @@ class AutoencoderKL(nn.Module):
 
     def _finish_loading(self, dtype: torch.dtype) -> "AutoencoderKL":
         self.to(dtype).eval()
-        if dtype in (torch.float16, torch.bfloat16) and self.config.force_upcast:
-            self.upcast_decoder()
+        if dtype == torch.float16 and self.config.force_upcast:
+            self.upcast_decoder()       # bfloat16 has float32's range: it decodes as it is, as in diffusers
         return self
 
 

@@ -306,15 +306,14 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None,
 
 
 def read_tensor_bytes(raw, entry: TensorEntry) -> torch.Tensor:
-    """One tensor read from an open file at the byte range its header gives."""
+    """One tensor read from an open file at the byte range its header gives (into fresh memory:
+    reading through the memory map would keep every page it touched resident until closed)."""
     begin, end = entry.offsets
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
     raw.seek(begin)
-    buffer = bytearray(end - begin)
-    if raw.readinto(buffer) != len(buffer):
+    if buffer.numel() and raw.readinto(memoryview(buffer.numpy())) != buffer.numel():
         raise ValueError(f"{raw.name}: truncated while reading (the file changed since its header was read?)")
-    if not buffer:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+    return buffer.view(entry.dtype).reshape(entry.shape)
 
 
 def weight_files(folder: str | Path, stem: str) -> list[Path]:

@@ -362,13 +362,16 @@ def test_inpainting_unet_from_a_single_file_matches_diffusers(tmp_path):
 
 
 def test_weights_arrive_once_in_the_dtype_asked(sd1):
-    """bfloat16: every tensor read straight into bfloat16 (the VAE decoder kept in float32, as
-    diffusers does), nothing left on the meta device, values equal to the file's, rounded."""
+    """bfloat16: every tensor read straight into bfloat16 (the VAE too: bfloat16 has float32's
+    range, and diffusers upcasts the decoder for float16 only), nothing left on the meta
+    device, values equal to the file's, rounded; float16 keeps the decoder in float32."""
     ref, folder, path, tensors = sd1
     pipe = C.load_single_file(path, dtype=torch.bfloat16)
-    for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae.encoder", pipe.vae.encoder)):
+    for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae", pipe.vae)):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
-    assert {p.dtype for p in pipe.vae.decoder.parameters()} == {torch.float32}
+    half = C.load_single_file(path, dtype=torch.float16).vae
+    assert {p.dtype for p in half.decoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.encoder.parameters()} == {torch.float16}
     every = [*pipe.unet.parameters(), *pipe.vae.parameters(), *pipe.text_encoder.parameters()]
     assert not any(p.is_meta for p in every)
     original = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
