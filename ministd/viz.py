@@ -58,15 +58,19 @@ def show_images(images: Sequence, titles: Sequence[str] | None = None, cols: int
 
 
 def _wrap(text: str, width: int) -> str:
-    lines, line = [], ""
-    for word in str(text).split():
-        if len(line) + len(word) + 1 > width and line:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
-    return "\n".join(lines)
+    """Break ``text`` into lines of at most ``width`` characters at spaces; the line
+    breaks already in it stay."""
+    out = []
+    for paragraph in str(text).split("\n"):
+        lines, line = [], ""
+        for word in paragraph.split():
+            if len(line) + len(word) + 1 > width and line:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        out += [*lines, line]
+    return "\n".join(out)
 
 
 def pipeline_diagram() -> plt.Figure:

@@ -213,3 +213,10 @@ def test_inpaint_app_picks_masks(pipe):
     assert picture.value and "result" in status.value
     own = inpaint_app(pipe, Image.new("RGB", (64, 64), (40, 80, 220)), choices={"only": masks()["blob"]})
     assert own.children[0].children[0].options == ("only",)
+
+
+def test_figure_titles_keep_their_line_breaks():
+    from ministd.viz import _wrap
+
+    assert _wrap("strength 0.6\n12 steps", 30) == "strength 0.6\n12 steps"
+    assert _wrap("a small red circle in the top left", 12) == "a small red\ncircle in\nthe top left"
