@@ -282,6 +282,19 @@ class StableDiffusionPipeline:
             raise ValueError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
         return latents
 
+    def _initial_noise(self, prompt, num_images_per_prompt: int, height: int, width: int, seed: int | None,
+                       latents: torch.Tensor | None, generator: torch.Generator | None
+                       ) -> tuple[torch.Tensor, torch.Generator | None]:
+        """The starting latents [B, C, h, w] (float32 on the CPU: the seed's draw, or ``latents``
+        checked) and the generator the sampler goes on with."""
+        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
+        f = self.vae.downsampling_factor
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None:
+            return self._check_latents(latents, shape), generator
+        generator = generator or _seeded_generator(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32), generator
+
     def _sampler(self, sampler: str | Sampler | None) -> Sampler:
         """A fresh sampler: the model's own, or another one with the same training schedule."""
         if sampler is None:
@@ -382,14 +395,8 @@ class StableDiffusionPipeline:
         _check_seed(seed)
         sampler = self._sampler(sampler)
         sampler.set_timesteps(num_inference_steps)
-        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
-        f = self.vae.downsampling_factor
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            generator = generator or _seeded_generator(seed)
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        else:
-            latents = self._check_latents(latents, shape)
+        latents, generator = self._initial_noise(prompt, num_images_per_prompt, height, width, seed, latents,
+                                                 generator)
         cond, uncond = self._conditions(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                         clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
@@ -686,14 +693,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             T = sampler.config.num_train_timesteps
             cutoff = int(round(T - denoising_end * T))
             timesteps = timesteps[: int((timesteps >= cutoff).sum())]
-        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
-        f = self.vae.downsampling_factor
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            generator = generator or _seeded_generator(seed)
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        else:
-            latents = self._check_latents(latents, shape)
+        latents, generator = self._initial_noise(prompt, num_images_per_prompt, height, width, seed, latents,
+                                                 generator)
         cond, uncond, pooled, neg_pooled = self._conditions(prompt, negative_prompt, num_images_per_prompt,
                                                             guidance_scale, clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
