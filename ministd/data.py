@@ -416,6 +416,76 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- #
+# Samples as SDXL is trained on them (chapter 13)
+# --------------------------------------------------------------------------- #
+
+# (height, width) of the aspect-ratio buckets: the square picture and a wide and a tall one of
+# about the same area (SDXL paper, Podell et al. 2023, sec. 2.3 and appendix I: buckets of ~1024^2
+# pixels; ours hold ~64^2 = 4096: 48 x 80 = 3840, both sides multiples of the latent factor 16).
+SDXL_BUCKETS: tuple[tuple[int, int], ...] = ((64, 64), (48, 80), (80, 48))
+
+
+@dataclass(frozen=True)
+class SDXLSample:
+    """One training picture with the conditions SDXL's U-Net sees beside the text.
+
+    ``original_size`` (h, w): the size the picture was drawn at, before any resizing
+    (small originals, enlarged, look soft: the model learns to tell, sec. 2.2);
+    ``crops_coords_top_left`` (top, left): pixels cut from the top and the left of the
+    *resized* picture to fit the bucket (as the paper records them); ``target_size``
+    (h, w): the bucket, the size of ``image``. ``boxes``: each object's bounding box
+    (x0, y0, x1, y1) in ``image``'s pixels, partly or wholly outside it when cropped.
+    """
+
+    image: Image.Image
+    caption: str
+    attrs: dict
+    original_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+    @property
+    def time_ids(self) -> list[int]:
+        """The six numbers of SDXL base's added conditioning: original size, crop, target size."""
+        return [*self.original_size, *self.crops_coords_top_left, *self.target_size]
+
+
+def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None = None,
+                original_sides: tuple[int, int] = (32, 128), max_zoom: float = 1.5) -> SDXLSample:
+    """Sample ``index`` of ``world`` as SDXL's data pipeline would hand it over (deterministic).
+
+    1. The scene is drawn at a random original side in ``original_sides`` (inclusive).
+    2. It is resized (bicubic) so that it covers the bucket (``bucket``, or one of
+       :data:`SDXL_BUCKETS` drawn at random) times a random zoom in [1, ``max_zoom``], and
+    3. cropped to the bucket at a random place; the crop's top-left corner is recorded.
+    """
+    rng = random.Random(f"shapesworld-sdxl:{world.seed}:{index}")
+    if bucket is None:
+        bucket = rng.choice(SDXL_BUCKETS)
+    height, width = bucket
+    lo, hi = original_sides
+    if not 16 <= lo <= hi:
+        raise ValueError(f"original_sides must be (low, high) with 16 <= low <= high, got {original_sides!r}")
+    if max_zoom < 1:
+        raise ValueError(f"max_zoom must be >= 1, got {max_zoom!r}")
+    attrs, jitter, caption_rng = world.attributes(index)
+    caption, _ = write_caption(attrs, caption_rng, complete=world.complete_captions)
+    side = rng.randint(lo, hi)
+    resized = math.ceil(max(height, width) * rng.uniform(1.0, max_zoom))
+    top, left = rng.randint(0, resized - height), rng.randint(0, resized - width)
+    picture = draw_scene(attrs, side, jitter).resize((resized, resized), Image.Resampling.BICUBIC)
+    image = picture.crop((left, top, left + width, top + height))
+    boxes = []
+    for k, obj in enumerate(attrs["objects"]):
+        dx, dy, scale = jitter[k]
+        col, row = POSITIONS[obj["position"]]
+        cx, cy, r = (_GRID[col] + dx) * resized, (_GRID[row] + dy) * resized, SIZES[obj["size"]] * scale * resized
+        boxes.append((cx - r - left, cy - r - top, cx + r - left, cy + r - top))
+    return SDXLSample(image, caption, attrs, (side, side), (top, left), (height, width), tuple(boxes))
+
+
+# --------------------------------------------------------------------------- #
 # Image helpers
 # --------------------------------------------------------------------------- #
 

@@ -161,3 +161,70 @@ def test_draw_scene_matches_world_without_jitter():
                                                  "position": "center"}]}
     arr = np.asarray(draw_scene(attrs))
     assert tuple(arr[32, 32]) == PALETTE["white"] and tuple(arr[0, 0]) == PALETTE["black"]
+
+
+# --------------------------------------------------------------------------- #
+# SDXL-style samples (chapter 13)
+# --------------------------------------------------------------------------- #
+
+def test_sdxl_samples_carry_their_conditions():
+    from ministd.data import SDXL_BUCKETS, sdxl_sample
+
+    world = ShapesWorld(seed=3)
+    seen_buckets, crops = set(), 0
+    for i in range(40):
+        s = sdxl_sample(world, i)
+        again = sdxl_sample(world, i)
+        assert s.image.tobytes() == again.image.tobytes() and s.time_ids == again.time_ids   # deterministic
+        h, w = s.target_size
+        assert (h, w) in SDXL_BUCKETS and s.image.size == (w, h)
+        assert s.original_size[0] == s.original_size[1] and 32 <= s.original_size[0] <= 128
+        top, left = s.crops_coords_top_left
+        assert 0 <= top and 0 <= left and s.time_ids == [*s.original_size, top, left, h, w]
+        crops += (top, left) != (0, 0)
+        seen_buckets.add((h, w))
+        assert s.caption == world[i][1] and s.attrs == world[i][2]
+        for (x0, y0, x1, y1), obj in zip(s.boxes, s.attrs["objects"]):
+            if 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h:      # wholly in the frame: its middle is its colour
+                pixel = np.array(s.image)[int((y0 + y1) / 2), int((x0 + x1) / 2)].astype(int)
+                assert np.abs(pixel - PALETTE[obj["color"]]).max() <= 40, (i, obj)
+    assert seen_buckets == set(SDXL_BUCKETS) and crops >= 30
+
+
+def test_sdxl_sample_without_zoom_or_crop_is_the_resized_scene():
+    from PIL import Image
+
+    from ministd.data import draw_scene, sdxl_sample
+
+    world = ShapesWorld(seed=1)
+    s = sdxl_sample(world, 5, bucket=(64, 64), max_zoom=1.0)
+    attrs, jitter, _ = world.attributes(5)
+    assert s.crops_coords_top_left == (0, 0)
+    expected = draw_scene(attrs, s.original_size[0], jitter).resize((64, 64), Image.Resampling.BICUBIC)
+    assert s.image.tobytes() == expected.tobytes()
+
+
+def test_small_originals_enlarged_are_softer():
+    """The SDXL paper's reason for size conditioning (sec. 2.2): an enlarged small picture is
+    blurred. Edge energy, the mean squared difference of neighbouring pixels (a blurred edge
+    rises as far, in more, smaller steps), of the same scenes at 64x64 drawn at 32 against 128
+    pixels: the small originals' edges are clearly softer (< 0.8x)."""
+    from ministd.data import sdxl_sample
+
+    def sharpness(image):
+        a = np.asarray(image, dtype=float)
+        return (np.diff(a, axis=0) ** 2).mean() + (np.diff(a, axis=1) ** 2).mean()
+
+    world = ShapesWorld(seed=2)
+    soft = [sharpness(sdxl_sample(world, i, (64, 64), (32, 32), 1.0).image) for i in range(12)]
+    sharp = [sharpness(sdxl_sample(world, i, (64, 64), (128, 128), 1.0).image) for i in range(12)]
+    assert np.mean(soft) < 0.8 * np.mean(sharp)
+
+
+def test_sdxl_sample_arguments_are_checked():
+    from ministd.data import sdxl_sample
+
+    with pytest.raises(ValueError, match="original_sides must be"):
+        sdxl_sample(ShapesWorld(), 0, original_sides=(64, 32))
+    with pytest.raises(ValueError, match="max_zoom must be >= 1"):
+        sdxl_sample(ShapesWorld(), 0, max_zoom=0.5)
