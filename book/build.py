@@ -31,7 +31,7 @@ from pathlib import Path
 
 BOOK = Path(__file__).resolve().parent
 sys.path.insert(0, str(BOOK))
-from chapters import NOTEBOOKS, ROOT, chapter_notebooks, toc_yaml  # noqa: E402
+from chapters import GLOSSARY_LINK, NOTEBOOKS, ROOT, chapter_notebooks, glossary_terms, toc_yaml  # noqa: E402
 
 BUILD = BOOK / "_build"
 SRC = BUILD / "src"
@@ -141,6 +141,25 @@ def fold_hidden_sources(nb) -> None:
                 tags.append("hide-input")
 
 
+def book_links(nb, terms: dict[str, str] | None = None) -> None:
+    """Chapters link the glossary and the other pages as files of the repository
+    (``../book/glossary.md#term-seed``), which JupyterLab and GitHub follow. In the staged book
+    the pages sit one folder up from the chapters, and Sphinx knows a glossary entry as a term,
+    not as an id in a page: ``[seeds](../book/glossary.md#term-seed)`` becomes
+    ``{term}`seeds <seed>```, and ``](../book/page.md)`` becomes ``](../page.md)``."""
+    terms = glossary_terms() if terms is None else terms
+
+    def term(match):
+        words, anchor = match.group(1), match.group(2)
+        if anchor not in terms:
+            raise ValueError(f"link to an unknown glossary term: {match.group(0)}")
+        return f"{{term}}`{words} <{terms[anchor]}>`"
+
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = GLOSSARY_LINK.sub(term, cell.source).replace("](../book/", "](../")
+
+
 def _as_node(out):
     import nbformat
     return nbformat.from_dict(out) if isinstance(out, dict) else out
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in notebooks:
         nb = nbformat.read(str(EXECUTED / path.name), as_version=4)
         fold_hidden_sources(nb)
+        book_links(nb)
         nbformat.write(nb, str(SRC / "notebooks" / path.name))
     executed = time.perf_counter() - start
     cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",

@@ -86,3 +86,35 @@ def toc_yaml(notebooks: list[Path] | None = None) -> str:
         lines.append("    chapters:")
         lines += [f"      - file: {f}" for f in files]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ glossary anchors
+
+GLOSSARY = Path(__file__).resolve().parent / "glossary.md"
+# a chapter links a glossary term as [words](../book/glossary.md#term-ANCHOR): a real link in
+# JupyterLab and on GitHub; book/build.py turns it into a {term} reference for Sphinx
+GLOSSARY_LINK = re.compile(r"\[([^\]]+)\]\(\.\./book/glossary\.md#(term-[A-Za-z0-9._-]+)\)")
+
+
+def glossary_anchor(term: str) -> str:
+    """The HTML id Sphinx gives a glossary term (``sphinx.util.nodes.make_id`` with prefix 'term'):
+    non-ASCII letters dropped, runs of other characters turned into one hyphen, case kept.
+    "alpha-bar (ᾱ)" -> "term-alpha-bar", "CFG scale" -> "term-CFG-scale"."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", f"term-{term}").encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-zA-Z0-9._]+", "-", " ".join(text.split()))
+    return re.sub(r"^[-0-9._]+|-+$", "", text)
+
+
+def glossary_terms(path: Path = GLOSSARY) -> dict[str, str]:
+    """{anchor: term} for every term of the glossary's ``{glossary}`` block."""
+    terms, inside = {}, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```{glossary}"):
+            inside = True
+        elif inside and line.startswith("```"):
+            inside = False
+        elif inside and line.strip() and not line[0].isspace():
+            terms[glossary_anchor(line.strip())] = line.strip()
+    return terms

@@ -80,7 +80,8 @@ from ministd.weights import (TensorEntry, WeightsMismatchError, build_on_meta, d
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl_base": "SDXL base", "sdxl_refiner": "SDXL refiner"}
 
-# Where each network lives in a single original file (FACTS.md, "Single-file prefixes").
+# Where each network lives in a single original file (the ldm / sgm training code's module names;
+# diffusers' loaders/single_file_utils.py reads the same).
 SINGLE_FILE_PREFIXES: dict[str, dict[str, str]] = {
     "sd1": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer."},          # transformers' CLIP names
@@ -104,7 +105,7 @@ FAMILY_MARKERS: list[tuple[str, str]] = [
 
 UNET_MARKER = ORIGINAL_PREFIX + "input_blocks.0.0.weight"     # [320, C_in, 3, 3]: C_in 4, or 9 for inpainting
 
-# What the weights cannot show, per family (SD 1.5, SD 2.1, SDXL 1.0; FACTS.md "U-Net" and "VAE"):
+# What the weights cannot show, per family (SD 1.5, SD 2.1, SDXL 1.0, from their diffusers configs):
 #   unet_heads / unet_head_dim: 8 heads at every level (SD 1.x), or heads 64 wide (the rest);
 #   upcast_attention: attention scores in float32 (SD 2.x: black pictures in float16 without);
 #   image_size: the picture side it was trained at (SD 2.x v-models: 768, see default_image_size);
@@ -124,10 +125,10 @@ FAMILY_RULES: dict[str, dict] = {
                          pipeline=dict(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)),
 }
 
-# The text encoders of each family and what their weights cannot show (FACTS.md "Text encoders",
-# "Tokenizer"): names: the layout under the prefix ("transformers": text_model.*, as saved by
-# transformers; "openclip": fused q/k/v in_proj, ln_final, positional_embedding); act: the MLP's
-# activation; drop_last_layer: the file stores one layer the pipeline never runs (SD 2.x uses
+# The text encoders of each family and what their weights cannot show (their transformers /
+# OpenCLIP configs and tokenizer files): names: the layout under the prefix ("transformers":
+# text_model.*, as saved by transformers; "openclip": fused q/k/v in_proj, ln_final,
+# positional_embedding); act: the MLP's activation; drop_last_layer: the file stores one layer the pipeline never runs (SD 2.x uses
 # the penultimate; SDXL's bigG keeps all, its pooled output reads the last); projection: load
 # the text projection (SDXL's pooled vector) instead of skipping it; pad_token: its tokenizer's.
 CLIP_L = dict(names="transformers", act="quick_gelu", drop_last_layer=False, projection=False,
@@ -583,7 +584,7 @@ class _Plan:
             raise RuntimeError(f"{self.name}: {left[:3]} were not loaded")
         self.model.eval()
         if isinstance(self.model, AutoencoderKL) and dtype == torch.float16 and self.model.config.force_upcast:
-            self.model.upcast_decoder()       # decodes in float32 under float16 (FACTS.md, VAE; not bfloat16)
+            self.model.upcast_decoder()       # decodes in float32 under float16 (not bfloat16: float32's range)
         return self.model
 
 
@@ -802,8 +803,9 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, predi
 
     Args:
         path: the ``.safetensors`` file (``.ckpt``/``.bin``/``.pt`` only with ``allow_pickle``).
-        dtype: every weight is read once, straight into this dtype (the VAE decoder stays
-            float32 under float16/bfloat16, as the reference does).
+        dtype: every weight is read once, straight into this dtype (under float16 the VAE
+            decoder is kept in float32, as the reference's SDXL pipeline does; bfloat16 has
+            float32's range and decodes as it is).
         prediction_type: "epsilon" or "v_prediction". SD 2.x files do not record it;
             without it, diffusers' single-file rule decides (v_prediction, except for a
             pickled SD 2.0 base file at global_step 875000) and a warning says how to choose.

@@ -56,7 +56,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from ministd.schedules import PREDICTION_TYPES, NoiseSchedule
+from ministd.schedules import PREDICTION_TYPES, NoiseSchedule, convert_prediction
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -348,16 +348,6 @@ class Sampler:
     def _reset_state(self) -> None:
         """Forget multistep history (overridden by samplers that keep some)."""
 
-    def _x0_and_eps(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor):
-        """(x0, eps) from the model output at a variance-preserving sample with this alpha_bar."""
-        a, b = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return (sample - b * model_output) / a, model_output
-        if kind == "v_prediction":
-            return a * sample - b * model_output, a * model_output + b * sample
-        return model_output, (sample - a * model_output) / b
-
     def _clip(self, x0: torch.Tensor) -> torch.Tensor:
         r = self.config.clip_sample_range
         return x0.clamp(-r, r) if self.config.clip_sample else x0
@@ -435,8 +425,7 @@ class DDPMSampler(Sampler):
         a_s = self.alphas_cumprod[s] if s >= 0 else torch.tensor(1.0)
         alpha_ts = a_t / a_s
         beta_ts = 1 - alpha_ts
-        x0, _ = self._x0_and_eps(model_output, sample, a_t)
-        x0 = self._clip(x0)
+        x0 = self._clip(convert_prediction(model_output, sample, a_t, self.config.prediction_type, "sample"))
         mean = (a_s**0.5 * beta_ts / (1 - a_t)) * x0 + (alpha_ts**0.5 * (1 - a_s) / (1 - a_t)) * sample
         if t > 0:
             if self.config.variance_type == "fixed_small":
@@ -484,8 +473,8 @@ class DDIMSampler(Sampler):
         s = self._prev_timestep(t)
         a_t = self.alphas_cumprod[t]
         a_s = self.alphas_cumprod[s] if s >= 0 else self.final_alpha_cumprod
-        x0, eps = self._x0_and_eps(model_output, sample, a_t)
-        x0 = self._clip(x0)
+        x0 = self._clip(convert_prediction(model_output, sample, a_t, self.config.prediction_type, "sample"))
+        eps = convert_prediction(model_output, sample, a_t, self.config.prediction_type, "epsilon")
         variance = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         std = self.config.eta * variance**0.5
         prev = a_s**0.5 * x0 + (1 - a_s - std**2) ** 0.5 * eps
@@ -546,13 +535,13 @@ class PNDMSampler(Sampler):
         """PNDM eq. 9: move ``sample`` from t to s with noise estimate ``model_output``."""
         a_t = self.alphas_cumprod[t]
         a_s = self.alphas_cumprod[s] if s >= 0 else self.final_alpha_cumprod
-        _, eps = self._x0_and_eps(model_output, sample, a_t)
+        eps = convert_prediction(model_output, sample, a_t, self.config.prediction_type, "epsilon")
         denom = a_t * (1 - a_s) ** 0.5 + (a_t * (1 - a_t) * a_s) ** 0.5
         return (a_s / a_t) ** 0.5 * sample - (a_s - a_t) * eps / denom
 
     def _step(self, model_output, i, sample, generator):
         t = int(self._timesteps[i])
-        x0, _ = self._x0_and_eps(model_output, sample, self.alphas_cumprod[t])
+        x0 = convert_prediction(model_output, sample, self.alphas_cumprod[t], self.config.prediction_type, "sample")
         if self.counter < len(self._prk):
             prev = self._step_prk(model_output, t, sample)
         else:
@@ -578,7 +567,31 @@ class PNDMSampler(Sampler):
         return self._transfer(self.cur_sample, t_begin, s, e)
 
     def _step_plms(self, e, t, sample):
-        """Linear multistep: combine this and earlier noise predictions (PNDM section 3.3)."""
+        """Linear multistep: combine this and earlier noise predictions (PNDM section 3.3).
+
+        A small state machine, driven by ``self.counter`` (model calls so far) and
+        ``self.ets`` (the noise predictions that *start* a step, newest last). With
+        ``skip_prk_steps`` (SD) the timesteps are t0, t1, t1, t2, t3, ... (t1 = t0 - h):
+
+        ====  ======  =============================================  ==================
+        call  at      what happens                                   noise estimate e
+        ====  ======  =============================================  ==================
+        0     t0      keep x_t0 in ``cur_sample``; step t0 -> t1     e0 (first order)
+        1     t1      warm-up: *redo* t0 -> t1 from ``cur_sample``     (e0 + e1) / 2 (Heun)
+                      (e1 is not kept in ``ets``)
+        2     t1      step t1 -> t2 from the corrected sample        (3 e2 - e0) / 2
+        3     t2      step t2 -> t3                                  AB3 of the last 3
+        4+    t_k     step t_k -> t_k+1                              AB4 of the last 4
+        ====  ======  =============================================  ==================
+
+        ABn is the n-step Adams-Bashforth formula (weights 3/2, -1/2; 23/12, -16/12,
+        5/12; 55/24, -59/24, 37/24, -9/24). Each step then moves the sample with the
+        transfer of eq. 9 (``_transfer``). After Runge-Kutta warm-up steps
+        (``skip_prk_steps=False``) ``ets`` already holds 3 entries (one per RK step), so
+        every call here is AB4. The order of the states, and ``e1`` missing from
+        ``ets``, follow diffusers' ``PNDMScheduler.step_plms``, which ministd matches
+        step for step.
+        """
         h = self.config.num_train_timesteps // self.num_inference_steps
         s = t - h
         if self.counter != 1:
@@ -648,18 +661,10 @@ class EulerSampler(Sampler):
         i = self._expect(timestep)
         return sample / (self._sigmas[i] ** 2 + 1) ** 0.5
 
-    def _x0(self, model_output, sample, sigma):
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return sample - sigma * model_output
-        if kind == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return model_output
-
     def _step(self, model_output, i, sample, generator):
         x = sample.float()
         sigma, sigma_next = self._sigmas[i], self._sigmas[i + 1]
-        x0 = self._x0(model_output, x, sigma)
+        x0 = convert_prediction(model_output, x, None, self.config.prediction_type, "sample", sigma=sigma)
         d = (x - x0) / sigma
         prev = x + d * (sigma_next - sigma)
         return SamplerOutput(prev.to(model_output.dtype), x0)
@@ -690,7 +695,7 @@ class EulerAncestralSampler(EulerSampler):
     def _step(self, model_output, i, sample, generator):
         x = sample.float()
         sigma, sigma_next = self._sigmas[i], self._sigmas[i + 1]
-        x0 = self._x0(model_output, x, sigma)
+        x0 = convert_prediction(model_output, x, None, self.config.prediction_type, "sample", sigma=sigma)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         d = (x - x0) / sigma
@@ -732,13 +737,15 @@ class HeunSampler(EulerSampler):
     def _step(self, model_output, i, sample, generator):
         if self.dt is None:  # first evaluation of a step: plain Euler
             sigma, sigma_next = self._sigmas[i], self._sigmas[i + 1]
-            x0 = self._clip(self._x0(model_output, sample, sigma))
+            kind = self.config.prediction_type
+            x0 = self._clip(convert_prediction(model_output, sample, None, kind, "sample", sigma=sigma))
             d = (sample - x0) / sigma
             self.prev_derivative, self.dt, self.first_sample = d, sigma_next - sigma, sample
             return SamplerOutput(sample + d * self.dt, x0)
         # second evaluation, at the Euler guess: average the slopes, restart from the first sample
         sigma_next = self._sigmas[i]
-        x0 = self._clip(self._x0(model_output, sample, sigma_next))
+        kind = self.config.prediction_type
+        x0 = self._clip(convert_prediction(model_output, sample, None, kind, "sample", sigma=sigma_next))
         d = ((sample - x0) / sigma_next + self.prev_derivative) / 2
         prev = self.first_sample + d * self.dt
         self._reset_state()
@@ -809,12 +816,7 @@ class DPMSolverMultistepSampler(Sampler):
         c = self.config
         n = len(self._timesteps)
         alpha_s, sigma_s = self._alpha_sigma(self._sigmas[i])
-        if c.prediction_type == "epsilon":
-            x0 = (sample - sigma_s * model_output) / alpha_s
-        elif c.prediction_type == "v_prediction":
-            x0 = alpha_s * sample - sigma_s * model_output
-        else:
-            x0 = model_output
+        x0 = convert_prediction(model_output, sample, None, c.prediction_type, "sample", alpha=alpha_s, sigma=sigma_s)
         self.model_outputs = self.model_outputs[1:] + [x0]
         x = sample.float()
         # first order at the start (no history yet) and on the last step, which lands on sigma = 0

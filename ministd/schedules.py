@@ -200,13 +200,18 @@ class NoiseSchedule:
 def convert_prediction(
     model_output: torch.Tensor,
     x_t: torch.Tensor,
-    alpha_bar: torch.Tensor | float,
+    alpha_bar: torch.Tensor | float | None,
     from_type: str,
     to_type: str,
+    *,
+    alpha: torch.Tensor | float | None = None,
+    sigma: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Turn a prediction of one kind into another, given the noisy input x_t.
 
-    With a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar) and x_t = a x0 + b eps:
+    The one place where epsilon, x0 and v are converted: every sampler (chapter 03)
+    and the training code call it. With a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar)
+    and the variance-preserving x_t = a x0 + b eps (DDPM, DDIM, PNDM, DPM-Solver++):
 
         from eps:  x0 = (x_t - b eps) / a
         from x0:   eps = (x_t - a x0) / b
@@ -214,22 +219,53 @@ def convert_prediction(
         v = a eps - b x0
 
     ``from_type`` / ``to_type``: "epsilon", "sample" (x0) or "v_prediction".
-    ``alpha_bar`` is a float or a tensor broadcastable to x_t.
+    ``alpha_bar`` is a float or a tensor broadcastable to x_t (a tensor keeps its own
+    dtype, as in the reference schedulers: half-precision samples meet float32
+    coefficients).
+
+    Samplers that already hold the coefficients pass ``alpha_bar=None`` and:
+
+    - ``alpha=a, sigma=b``: the same variance-preserving form with a and b given
+      (DPM-Solver++ keeps them, computed from its sigmas);
+    - ``sigma=s`` alone: the Karras form x_t = x0 + s eps that Euler, Euler a and Heun
+      keep (the VP sample divided by a, s = b / a). Then x0 = x_t - s eps; v, defined on
+      the VP sample, gives x0 = x_t / (s^2 + 1) - v s / sqrt(s^2 + 1).
+
+    Each form is written as the reference (diffusers) writes it, so samplers built on
+    this function match it to float64 rounding.
     """
     for name, value in (("from_type", from_type), ("to_type", to_type)):
         if value not in PREDICTION_TYPES:
             raise ValueError(f"{name} must be one of {PREDICTION_TYPES}, got {value!r}")
-    alpha_bar = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
-    a, b = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    if (alpha_bar is None) == (sigma is None) or (alpha is not None and sigma is None):
+        raise ValueError("give alpha_bar, or sigma (with alpha for the variance-preserving form)")
     if from_type == to_type:
         return model_output
+
+    def coefficient(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(x_t.device)
+        return torch.tensor(value, dtype=x_t.dtype, device=x_t.device)
+
+    karras = alpha_bar is None and alpha is None
+    if alpha_bar is not None:
+        alpha_bar = coefficient(alpha_bar)
+        a, b = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    elif not karras:
+        a, b = coefficient(alpha), coefficient(sigma)
+    else:
+        s = coefficient(sigma)
+        norm = (s**2 + 1) ** 0.5                     # x_t * ... / norm is the VP sample
     # first recover (x0, eps), then build what was asked for
     if from_type == "epsilon":
         eps = model_output
-        x0 = (x_t - b * eps) / a
+        x0 = x_t - s * eps if karras else (x_t - b * eps) / a
     elif from_type == "sample":
         x0 = model_output
-        eps = (x_t - a * x0) / b
+        eps = (x_t - x0) / s if karras else (x_t - a * x0) / b
+    elif karras:  # v_prediction, Karras form
+        x0 = model_output * (-s / norm) + x_t / (s**2 + 1)
+        eps = (x_t - x0) / s
     else:  # v_prediction
         x0 = a * x_t - b * model_output
         eps = a * model_output + b * x_t
@@ -237,4 +273,4 @@ def convert_prediction(
         return eps
     if to_type == "sample":
         return x0
-    return a * eps - b * x0
+    return (eps - s * x0) / norm if karras else a * eps - b * x0

@@ -203,6 +203,16 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """The stack of ``num_layers`` transformer layers, and nothing else.
+
+    A container with no ``forward`` of its own: ``CLIPTextModel.forward`` walks
+    ``encoder.layers`` itself, because it keeps every layer's output
+    (``hidden_states``, which ``clip_skip`` picks from). The module exists so that the
+    parameter names are transformers' (``encoder.layers.3.mlp.fc1.weight``, under
+    transformers' ``text_model.`` prefix), which lets a transformers or diffusers text
+    encoder load with no key map (chapter 07; OpenCLIP's names are mapped below).
+    """
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_layers))

@@ -114,3 +114,16 @@ def test_exercises_have_checked_solutions(path):
         assert cell.metadata.get("jupyter", {}).get("source_hidden"), \
             f"{path.name}: solution cells are hidden by default (metadata jupyter.source_hidden)"
         assert "assert" in cell.source, f"{path.name}: a solution cell must check the answer with assert"
+
+
+def test_every_owned_module_exists():
+    # MODULE_CHAPTER names only modules that are in the package, and every module has an owner
+    package = Path(ministd.__file__).parent
+    for name in ministd.MODULE_CHAPTER:
+        path = package.joinpath(*name.split("."))
+        assert path.with_suffix(".py").exists() or (path / "__init__.py").exists(), \
+            f"MODULE_CHAPTER lists {name!r}, which is not a module of ministd"
+    modules = {p.relative_to(package).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+               for p in package.rglob("*.py") if p.name != "__main__.py"}
+    unowned = sorted(m for m in modules if m != "__init__" and m not in ministd.MODULE_CHAPTER)
+    assert not unowned, f"modules without an owning chapter in MODULE_CHAPTER: {unowned}"

@@ -107,3 +107,23 @@ def test_bad_input():
         s.add_noise(x, x, 1000)
     with pytest.raises(ValueError, match="to_type"):
         convert_prediction(x, x, 0.5, "epsilon", "v")
+
+
+@pytest.mark.parametrize("src", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("dst", ["epsilon", "sample", "v_prediction"])
+def test_prediction_conversions_in_every_form(src, dst):
+    # the forms the samplers use agree with the alpha_bar form: (alpha, sigma) given directly
+    # (DPM-Solver++), and the Karras form x = x0 + sigma eps (Euler, Heun)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ab = torch.tensor(0.3, dtype=torch.float64)
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    x_vp = a * x0 + b * eps
+    truth = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0}
+    torch.testing.assert_close(convert_prediction(truth[src], x_vp, None, src, dst, alpha=a, sigma=b),
+                               truth[dst], rtol=1e-10, atol=1e-10)
+    sigma = b / a
+    torch.testing.assert_close(convert_prediction(truth[src], x0 + sigma * eps, None, src, dst, sigma=sigma),
+                               truth[dst], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="alpha_bar, or sigma"):
+        convert_prediction(truth[src], x_vp, ab, src, dst, sigma=sigma)

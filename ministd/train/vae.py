@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node 2 -m ministd.train.vae train ...   (data-parallel, gloo)
     python -m ministd.train.vae evaluate --checkpoint /work/runs/vae/last.pt
     python -m ministd.train.vae export --checkpoint /work/runs/vae/last.pt --out data/shapes_vae.safetensors
-    python -m ministd.train.vae evaluate --weights data/shapes_vae.safetensors
+    python -m ministd.train.vae evaluate --weights data/shapes_vae.safetensors --json data/shapes_vae_eval.json
 
 The objective is the KL-regularised autoencoder of the LDM paper (Rombach et
 al. 2022, appendix G) without its adversarial and perceptual terms, which a
@@ -445,6 +445,8 @@ def main(argv=None) -> None:
     g.add_argument("--weights", help="shipped weights (.safetensors with a .json beside it)")
     e.add_argument("--n", type=int, default=256)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", default=None,
+                   help="also write the report here (data/shapes_vae_eval.json, which chapter 04 reads)")
     x = sub.add_parser("export", help="write float16 weights + config for data/")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", default="data/shapes_vae.safetensors")
@@ -456,7 +458,12 @@ def main(argv=None) -> None:
     elif args.command == "evaluate":
         torch.set_num_threads(args.threads)
         model = load_checkpoint(args.checkpoint) if args.checkpoint else AutoencoderKL.load(args.weights)
-        evaluate(model, n=args.n)
+        report = evaluate(model, n=args.n)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "weights": args.weights or args.checkpoint, "command": "python -m ministd.train.vae "
+                + " ".join(argv if argv is not None else sys.argv[1:]), **report}, indent=1) + "\n")
+            print(f"wrote {args.json}")
     else:
         export(args)
 
