@@ -36,7 +36,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
     "infotext": 15,       # generation parameters in a PNG, in the web UIs' layout (the command line)
     "adapters": 16,       # LoRA, textual inversion, hypernetworks: files readers trade, on ministd's networks
-    "bench": 15,          # benchmarks against the reference implementation
+    "controlnet": 16,     # ControlNet: a trainable copy of the U-Net's down path, joined by zero convolutions
 }
 
 
@@ -55,13 +55,19 @@ def chapter_of(module: str) -> int:
 def load_pipeline(name_or_path: str = "shapes", **kwargs):
     """Load a text-to-image pipeline ("shapes", a diffusers folder or a single file).
 
-    Arrives with ``ministd.pipelines`` (chapter 10).
+    ``ministd.pipelines.load_pipeline`` (chapter 10), imported on first use so that
+    ``import ministd`` stays light for the chapters before it.
     """
-    try:
-        from ministd.pipelines import load_pipeline as _load
-    except ImportError as exc:  # pragma: no cover - until chapter 10 lands
-        raise NotImplementedError(
-            "ministd.load_pipeline is not available yet: the pipelines module "
-            "(chapter 10) has not been written"
-        ) from exc
+    from ministd.pipelines import load_pipeline as _load
+
     return _load(name_or_path, **kwargs)
+
+
+def load_controlnet(path_or_name, **kwargs):
+    """Load a ControlNet (a diffusers folder, an original single file, or "shapes-edges").
+
+    ``ministd.controlnet.load_controlnet`` (chapter 16), imported on first use.
+    """
+    from ministd.controlnet import load_controlnet as _load
+
+    return _load(path_or_name, **kwargs)

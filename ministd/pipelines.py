@@ -16,6 +16,7 @@ guidance off for any scale <= 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -332,7 +334,8 @@ class StableDiffusionPipeline:
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                 sampler: Sampler, guidance_scale: float, guidance_rescale: float = 0.0,
                 callback: Callable | None = None, generator: torch.Generator | None = None,
-                timesteps: torch.Tensor | None = None, added_cond: dict | None = None) -> torch.Tensor:
+                timesteps: torch.Tensor | None = None, added_cond: dict | None = None,
+                controls: list[Control] | None = None, control_steps: int | None = None) -> torch.Tensor:
         """The reverse process: run ``sampler`` over its timesteps with guidance.
 
         latents [B, C, h, w] already scaled for the first step; cond/uncond
@@ -340,12 +343,16 @@ class StableDiffusionPipeline:
         x0_pred)`` sees every step.
         ``added_cond``: SDXL's extra U-Net inputs, stacked [uncond, cond] along
         the batch when guidance runs both branches.
+        ``controls``: ControlNets steering the U-Net (chapter 16; :class:`Control`), each on
+        for its fraction of ``control_steps`` steps (default: the steps run here).
         """
         steps = sampler.timesteps if timesteps is None else timesteps
         extra = {} if added_cond is None else {"added_cond": added_cond}
         for i, t in enumerate(tqdm(steps, disable=not self.progress_bar, desc="sampling", leave=False)):
             x = sampler.scale_model_input(latents, t)
-            noise_pred = guided_noise_prediction(self.unet, x, t, cond, uncond, guidance_scale, guidance_rescale,
+            model = self.unet if not controls else controlled_unet(self.unet, controls, i,
+                                                                   control_steps or len(steps))
+            noise_pred = guided_noise_prediction(model, x, t, cond, uncond, guidance_scale, guidance_rescale,
                                                  **extra)
             out = sampler.step(noise_pred, t, latents, generator=generator)
             latents = out.prev_sample
@@ -375,7 +382,10 @@ class StableDiffusionPipeline:
                 sampler: str | Sampler | None = None, callback: Callable | None = None,
                 output_type: str = "pil", num_images_per_prompt: int = 1, guidance_rescale: float = 0.0,
                 generator: torch.Generator | None = None, clip_skip: int | None = None, long_prompts: bool = False,
-                emphasis: bool = False) -> PipelineOutput:
+                emphasis: bool = False, controlnet=None, control_image=None,
+                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                control_guidance_start: float | Sequence[float] = 0.0,
+                control_guidance_end: float | Sequence[float] = 1.0) -> PipelineOutput:
         """Draw pictures for ``prompt``.
 
         ``seed`` draws the initial latents as
@@ -386,22 +396,33 @@ class StableDiffusionPipeline:
         ``clip_skip`` (None: ``self.clip_skip``; the UIs' "clip skip 2" is 1),
         ``long_prompts`` and ``emphasis``: how the prompts are read, see
         :mod:`ministd.prompts`.
+
+        ``controlnet`` (or a list of them) with ``control_image`` (one per ControlNet)
+        steers the picture (chapter 16, :mod:`ministd.controlnet`); height and width then
+        default to the first control image's size. See :meth:`prepare_controls`.
         """
         if self.unet.config.in_channels == 9:
             raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        controls = check_controls(controlnet, control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end)
+        if controls:   # as the reference: the picture's size defaults to the first control image's
+            height = controls[0].size()[0] if height is None else height
+            width = controls[0].size()[1] if width is None else width
         height, width = self._check_size(height, width)
         _check_seed(seed)
         sampler = self._sampler(sampler)
         sampler.set_timesteps(num_inference_steps)
         latents, generator = self._initial_noise(prompt, num_images_per_prompt, height, width, seed, latents,
                                                  generator)
+        controls = self.prepare_controls(controls, height, width, len(_prompt_list(prompt, "prompt")),
+                                         num_images_per_prompt)
         cond, uncond = self._conditions(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                         clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale,
-                               callback, generator)
+                               callback, generator, controls=controls)
         return PipelineOutput(self.decode(latents, output_type), latents)
 
     __call__ = txt2img
@@ -412,7 +433,10 @@ class StableDiffusionPipeline:
                 guidance_scale: float = 7.5, seed: int | None = None, sampler: str | Sampler | None = None,
                 callback: Callable | None = None, output_type: str = "pil", guidance_rescale: float = 0.0,
                 generator: torch.Generator | None = None, clip_skip: int | None = None, long_prompts: bool = False,
-                emphasis: bool = False) -> PipelineOutput:
+                emphasis: bool = False, controlnet=None, control_image=None,
+                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                control_guidance_start: float | Sequence[float] = 0.0,
+                control_guidance_end: float | Sequence[float] = 1.0) -> PipelineOutput:
         """SDEdit (Meng et al. 2022): noise ``image`` part-way, then denoise towards ``prompt``.
 
         ``strength`` in [0, 1] is the fraction of the schedule that is run, as in
@@ -424,7 +448,9 @@ class StableDiffusionPipeline:
         timestep instead, which keeps sqrt(alpha_bar) ~ 8% of it with "leading"
         spacing). ``image``: a PIL image or a [B, 3, H, W] tensor in [-1, 1];
         the VAE encodes it to a posterior sample drawn from the seed's generator.
-        ``clip_skip``, ``long_prompts``, ``emphasis``: as in txt2img.
+        ``clip_skip``, ``long_prompts``, ``emphasis``: as in txt2img. ``controlnet`` and the
+        control options: as in txt2img (the control images take the picture's size), as
+        diffusers' StableDiffusionControlNetImg2ImgPipeline.
         """
         if self.unet.config.in_channels == 9:
             raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
@@ -433,6 +459,8 @@ class StableDiffusionPipeline:
         if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0 or math.isnan(strength):
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         _check_seed(seed)
+        controls = check_controls(controlnet, control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end)
         pixels = self._image_tensor(image)
         self._check_size(pixels.shape[-2], pixels.shape[-1])
         sampler = self._sampler(sampler)
@@ -440,6 +468,7 @@ class StableDiffusionPipeline:
         prompts = _prompt_list(prompt, "prompt")
         if pixels.shape[0] not in (1, len(prompts)):
             raise ValueError(f"image holds {pixels.shape[0]} pictures for {len(prompts)} prompts")
+        controls = self.prepare_controls(controls, pixels.shape[-2], pixels.shape[-1], len(prompts), 1)
         cond, uncond = self._conditions(prompts, negative_prompt, 1, guidance_scale, clip_skip, long_prompts,
                                         emphasis)
         generator = generator or _seeded_generator(seed)
@@ -456,7 +485,7 @@ class StableDiffusionPipeline:
         else:
             latents = sampler.add_noise(init, noise, timesteps[:1])
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale,
-                               callback, generator)
+                               callback, generator, controls=controls)
         return PipelineOutput(self.decode(latents, output_type), latents)
 
     # -------------------------------------------------------------- inpaint
@@ -505,6 +534,198 @@ class StableDiffusionPipeline:
         if isinstance(image, torch.Tensor) and image.ndim in (3, 4):
             return image[None] if image.ndim == 3 else image
         raise ValueError("image must be a PIL image, a list of them, or a [B, 3, H, W] tensor in [-1, 1]")
+
+    def prepare_controls(self, controls: list[Control] | None, height: int, width: int, num_prompts: int,
+                         num_images_per_prompt: int) -> list[Control] | None:
+        """Control images -> [B, 3, height, width] tensors in [0, 1] on the U-Net's device and dtype.
+
+        As diffusers' ``StableDiffusionControlNetPipeline.prepare_image``: an image of
+        another size is resized to the picture's (PIL: Lanczos; tensors: nearest), RGB,
+        values in [0, 1] (*not* moved to [-1, 1] as pictures for the VAE are); one image
+        serves every prompt, or one per prompt, each repeated ``num_images_per_prompt``
+        times. An image whose aspect ratio differs from the picture's is refused
+        rather than stretched. Each ControlNet that says its shape (``config``) must fit
+        this U-Net and VAE. Everything is checked before any network runs.
+        """
+        if not controls:
+            return None
+        batch = num_prompts * num_images_per_prompt
+        prepared = []
+        for n, control in enumerate(controls):
+            self._check_controlnet_fits(control.net, n)
+            image = control.pixels(height, width, n)
+            if image.shape[0] == 1:
+                image = image.repeat(batch, 1, 1, 1)
+            elif image.shape[0] == num_prompts:
+                image = image.repeat_interleave(num_images_per_prompt, dim=0)
+            else:
+                raise ValueError(f"control_image{_nth(n, len(controls))} holds {image.shape[0]} pictures for "
+                                 f"{num_prompts} prompts: give one, or one per prompt")
+            prepared.append(dataclasses.replace(control, image=image.to(self.device, self.unet.dtype)))
+        return prepared
+
+    def _check_controlnet_fits(self, net, n: int) -> None:
+        config, mine = getattr(net, "config", None), self.unet.config
+        for field in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels"):
+            theirs = getattr(config, field, None)
+            if theirs is not None and theirs != getattr(mine, field):
+                raise ValueError(f"controlnet{_nth(n)} was made for a U-Net with {field}={theirs}, this "
+                                 f"pipeline's U-Net has {getattr(mine, field)}: it belongs to another model")
+        factor = getattr(net, "conditioning_factor", None)
+        if factor is not None and factor != self.vae.downsampling_factor:
+            raise ValueError(f"controlnet{_nth(n)}'s condition encoder shrinks the control image {factor}x, this "
+                             f"pipeline's VAE {self.vae.downsampling_factor}x: they cannot meet at the latents")
+
+
+# --------------------------------------------------------- ControlNet (chapter 16)
+# The pipelines only call the ControlNets they are given, as
+# ``net(x, t, encoder_hidden_states, controlnet_cond, conditioning_scale) -> (down, mid)``;
+# the network itself is ministd.controlnet's, which belongs to a later chapter.
+
+
+@dataclass
+class Control:
+    """One ControlNet's part in a run: the network, its control image (as given, then
+    :meth:`StableDiffusionPipeline.prepare_controls` makes it [B, 3, H, W] in [0, 1]),
+    its scale, and the fraction of the steps it is on for, [start, end]."""
+
+    net: Callable
+    image: object
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, step: int, num_steps: int) -> bool:
+        """diffusers' ``controlnet_keep``: on at step i of N when [i/N, (i+1)/N] lies inside [start, end]
+        (a scale of 0 switches it off too: it would add zeros)."""
+        return self.start <= step / num_steps and (step + 1) / num_steps <= self.end and self.scale != 0
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the control image as given."""
+        image = self.image[0] if isinstance(self.image, (list, tuple)) else self.image
+        if isinstance(image, Image.Image):
+            return image.height, image.width
+        return tuple(image.shape[-2:])
+
+    def pixels(self, height: int, width: int, n: int = 0) -> torch.Tensor:
+        """The control image as [B, 3, height, width] float32 in [0, 1] (see ``prepare_controls``)."""
+        h, w = self.size()
+        if (h, w) != (height, width) and h * width != w * height:
+            raise ValueError(f"control_image{_nth(n)} is {h}x{w} pixels, the picture {height}x{width}: the aspect "
+                             f"ratios differ (it would be stretched); give a control image of the picture's shape")
+        if isinstance(self.image, torch.Tensor):
+            image = self.image[None] if self.image.ndim == 3 else self.image
+            image = image.float()
+            if (h, w) != (height, width):
+                image = F.interpolate(image, size=(height, width))       # nearest, as the reference
+            return image
+        images = self.image if isinstance(self.image, (list, tuple)) else [self.image]
+        images = [im.resize((width, height), Image.LANCZOS) if im.size != (width, height) else im for im in images]
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _nth(n: int, count: int = 2) -> str:
+    return f" {n}" if count > 1 else ""
+
+
+def _check_control_image(image, n: int, count: int) -> None:
+    name = f"control_image{_nth(n, count)}"
+    if isinstance(image, Image.Image):
+        return
+    if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
+        if len({i.size for i in image}) > 1:
+            raise ValueError(f"{name}: the pictures of one control image batch must share one size, got "
+                             f"{sorted({i.size for i in image})}")
+        return
+    if (isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] == 3
+            and image.is_floating_point()):
+        if image.numel() and (image.min() < 0 or image.max() > 1):
+            raise ValueError(f"{name} must hold values in [0, 1] (control images are not moved to [-1, 1] as "
+                             f"pictures for the VAE are); got [{float(image.min()):.3g}, {float(image.max()):.3g}]")
+        return
+    got = f"a tensor of shape {list(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+    raise ValueError(f"{name} must be a PIL image, a list of them, or a float tensor [3, H, W] / [B, 3, H, W] in "
+                     f"[0, 1]; got {got}")
+
+
+def _per_net(value, name: str, count: int, low: float | None = None, high: float | None = None) -> list[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} ControlNet(s): give one number, "
+                         "or one per ControlNet")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or (low is not None and v < low) or (high is not None and v > high):
+            bounds = f" in [{low}, {high}]" if low is not None and high is not None else ""
+            raise ValueError(f"{name} must be a finite number{bounds} (or one per ControlNet), got {value!r}")
+    return [float(v) for v in values]
+
+
+def check_controls(controlnet, control_image, scale, start, end) -> list[Control] | None:
+    """The ControlNet arguments of txt2img / img2img, checked, as one :class:`Control` per network.
+
+    ``controlnet``: a network or a list of them (their residuals are added, as diffusers'
+    MultiControlNetModel); ``control_image``: for one network an image (or a batch), for a
+    list a list with one image per network; ``scale``, ``start``, ``end``: a number for
+    all, or one per network, with 0 <= start < end <= 1.
+    """
+    if controlnet is None and control_image is None:
+        return None
+    if controlnet is None or control_image is None:
+        given, missing = ("controlnet", "control_image") if control_image is None else \
+            ("control_image", "controlnet")
+        raise ValueError(f"{given} was given without {missing}: a ControlNet needs its control image and "
+                         "the other way round")
+    several = isinstance(controlnet, (list, tuple))
+    nets = list(controlnet) if several else [controlnet]
+    if not nets or not all(callable(n) for n in nets):
+        raise ValueError("controlnet must be a ControlNet (ministd.load_controlnet) or a non-empty list of them")
+    if several:
+        if not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets):
+            count = len(control_image) if isinstance(control_image, (list, tuple)) else "not a list"
+            raise ValueError(f"{len(nets)} ControlNets need a list of {len(nets)} control images, one each "
+                             f"(got {count})")
+        images = list(control_image)
+    else:
+        images = [control_image]
+    for n, image in enumerate(images):
+        _check_control_image(image, n, len(nets))
+    scales = _per_net(scale, "controlnet_conditioning_scale", len(nets))
+    starts = _per_net(start, "control_guidance_start", len(nets), 0.0, 1.0)
+    ends = _per_net(end, "control_guidance_end", len(nets), 0.0, 1.0)
+    for s, e in zip(starts, ends):
+        if s >= e:
+            raise ValueError(f"control_guidance_start ({s}) must be smaller than control_guidance_end ({e})")
+    return [Control(*args) for args in zip(nets, images, scales, starts, ends)]
+
+
+def controlled_unet(unet: UNet, controls: list[Control], step: int, num_steps: int) -> Callable:
+    """The U-Net with the ControlNets that are on at ``step`` added in: a function with the
+    U-Net's call shape, ``(x, t, encoder_hidden_states, **extra) -> prediction``.
+
+    Each ControlNet sees what the U-Net sees (the latents, both guidance halves, the
+    text); under classifier-free guidance its control image goes to both halves, as
+    the reference's default (no "guess mode"). The residuals of several ControlNets
+    are summed, then added to the U-Net's skips and mid block.
+    """
+    active = [c for c in controls if c.active(step, num_steps)]
+    if not active:
+        return unet
+
+    def with_control(x, t, encoder_hidden_states, **extra):
+        down = mid = None
+        for control in active:
+            image = control.image
+            if image.shape[0] != x.shape[0]:           # both guidance halves: [image; image]
+                image = torch.cat([image] * (x.shape[0] // image.shape[0]))
+            d, m = control.net(x, t, encoder_hidden_states, image, control.scale, **extra)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return unet(x, t, encoder_hidden_states, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, **extra)
+
+    return with_control
 
 
 # ------------------------------------------------------------------- SDXL
@@ -657,18 +878,29 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                 negative_target_size: tuple[int, int] | None = None,
                 denoising_end: float | None = None, clip_skip: int | None = None, long_prompts: bool = False,
-                emphasis: bool = False) -> PipelineOutput:
+                emphasis: bool = False, controlnet=None, control_image=None,
+                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                control_guidance_start: float | Sequence[float] = 0.0,
+                control_guidance_end: float | Sequence[float] = 1.0) -> PipelineOutput:
         """SDXL base text-to-image. The size conditions default to the picture's own size
         (height, width) and no crop, as the reference does; the ``negative_*`` forms apply
         when both negative sizes are given (otherwise the positive ones are repeated, as in
         the reference). ``denoising_end`` in (0, 1) stops after the steps whose
         timestep is >= round(T - denoising_end * T) (hand the rest to the refiner).
-        ``clip_skip``, ``long_prompts``, ``emphasis``: see :meth:`encode_prompt`."""
+        ``clip_skip``, ``long_prompts``, ``emphasis``: see :meth:`encode_prompt`. ControlNets
+        (SDXL ones): as :meth:`StableDiffusionPipeline.txt2img`, as diffusers'
+        StableDiffusionXLControlNetPipeline (their steps counted over the whole schedule,
+        also when ``denoising_end`` stops early)."""
         if self.is_refiner:
             raise ValueError("this is an SDXL refiner: it only continues pictures; use img2img(prompt, image "
                              "or latents, denoising_start=...) instead of txt2img")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        controls = check_controls(controlnet, control_image, controlnet_conditioning_scale,
+                                  control_guidance_start, control_guidance_end)
+        if controls:   # as the reference: the picture's size defaults to the first control image's
+            height = controls[0].size()[0] if height is None else height
+            width = controls[0].size()[1] if width is None else width
         height, width = self._check_size(height, width)
         denoising_end = _check_fraction(denoising_end, "denoising_end")
         original_size = _size_pair(original_size or (height, width), "original_size")
@@ -695,12 +927,15 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             timesteps = timesteps[: int((timesteps >= cutoff).sum())]
         latents, generator = self._initial_noise(prompt, num_images_per_prompt, height, width, seed, latents,
                                                  generator)
+        controls = self.prepare_controls(controls, height, width, len(_prompt_list(prompt, "prompt")),
+                                         num_images_per_prompt)
         cond, uncond, pooled, neg_pooled = self._conditions(prompt, negative_prompt, num_images_per_prompt,
                                                             guidance_scale, clip_skip, long_prompts, emphasis)
         latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
         latents = self.denoise(latents, cond, uncond, sampler, guidance_scale, guidance_rescale, callback,
                                generator, timesteps=timesteps,
-                               added_cond=self._added_cond(pooled, neg_pooled, ids, neg_ids))
+                               added_cond=self._added_cond(pooled, neg_pooled, ids, neg_ids),
+                               controls=controls, control_steps=len(sampler.timesteps))
         return PipelineOutput(self.decode(latents, output_type), latents)
 
     __call__ = txt2img

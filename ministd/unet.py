@@ -39,7 +39,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +321,8 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-# -- presets (the real checkpoints' structure; see FACTS.md) -----------------
+# -- presets (the real checkpoints' structure, from their published unet/config.json;
+#    tests/test_unet.py::test_presets_match_published_structure checks each) --
 
 def sd1() -> UNetConfig:
     """Stable Diffusion 1.x: 8 heads everywhere, 1x1-conv projections, CLIP-L context (768)."""
@@ -842,7 +843,13 @@ class UNet(nn.Module):
 
     # -- the forward pass --------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                added_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                added_cond: Mapping[str, torch.Tensor] | None = None,
+                down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``down_block_additional_residuals`` (one per skip, shaped as the skips) and
+        ``mid_block_additional_residual`` (shaped as the mid block's output) are added to
+        the skips and to the bottom of the U: how a ControlNet steers the U-Net
+        (:mod:`ministd.controlnet`, chapter 16; diffusers' names)."""
         self._check_inputs(latents, encoder_hidden_states, added_cond)
         emb = self.embed_time(timestep, latents.shape[0], latents.dtype, latents.device)
         if self.add_embedding is not None:
@@ -855,7 +862,14 @@ class UNet(nn.Module):
         skips = [x]
         for block in self.down_blocks:
             x = block(x, emb, context, skips)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals must hold one tensor per skip ({len(skips)}), "
+                                 f"got {len(down_block_additional_residuals)}")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         x = self.mid_block(x, emb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             x = block(x, emb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
