@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import (WeightsMismatchError, build_on_meta, load_model, load_strict, read_json,
-                             read_safetensors, read_weights, rename_by_prefix, save_model, strip_prefix)
+from ministd.weights import (DIFFUSERS_WEIGHTS, WeightsMismatchError, build_on_meta, load_model, load_strict,
+                             read_json, read_safetensors, read_weights, rename_by_prefix, save_model, strip_prefix)
 
 # --------------------------------------------------------------------------
 # Configuration: data, not subclasses
@@ -1042,9 +1042,6 @@ class UNet(nn.Module):
         """This model's weights named in the original layout (without the prefix)."""
         to_original = original_key_map(self)
         return {to_original[k]: v for k, v in self.state_dict().items()}
-
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"     # diffusers' file stem: one .safetensors, or shards + .index.json
 
 
 def read_diffusers_weights(folder: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ministd.weights import (build_on_meta, load_model, load_strict, read_json, read_weights, rename_by_prefix,
-                             save_model, strip_prefix)
+from ministd.weights import (DIFFUSERS_WEIGHTS, build_on_meta, load_model, load_strict, read_json, read_weights,
+                             rename_by_prefix, save_model, strip_prefix)
 
 SD_SCALING_FACTOR = 0.18215    # SD 1.x / 2.x (LDM paper, appendix G: 1 / std of the latents)
 SDXL_SCALING_FACTOR = 0.13025  # SDXL's retrained VAE
@@ -541,7 +541,7 @@ class AutoencoderKL(nn.Module):
             folder = folder / "vae"
         config = VAEConfig.from_dict(read_json(folder / "config.json"))
         model = build_on_meta(lambda: cls(config))
-        load_strict(model, read_weights(folder, "diffusion_pytorch_model", dtype=dtype), source=str(folder))
+        load_strict(model, read_weights(folder, DIFFUSERS_WEIGHTS, dtype=dtype), source=str(folder))
         return model._finish_loading(dtype)
 
     @classmethod

@@ -153,14 +153,6 @@ def rename_by_prefix(key: str, table: Mapping[str, str]) -> str:
     return key
 
 
-def inverted(table: Mapping[str, str]) -> dict[str, str]:
-    """The table read the other way (its entries must be one-to-one)."""
-    back = {new: old for old, new in table.items()}
-    if len(back) != len(table):
-        raise ValueError("this prefix table maps two names onto one: it cannot be inverted")
-    return back
-
-
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries whose key starts with ``prefix``, with the prefix removed.
 
@@ -314,6 +306,10 @@ def read_tensor_bytes(raw, entry: TensorEntry) -> torch.Tensor:
     if buffer.numel() and raw.readinto(memoryview(buffer.numpy())) != buffer.numel():
         raise ValueError(f"{raw.name}: truncated while reading (the file changed since its header was read?)")
     return buffer.view(entry.dtype).reshape(entry.shape)
+
+
+# diffusers' file stem for a model folder's weights (transformers' is "model")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
 def weight_files(folder: str | Path, stem: str) -> list[Path]:
