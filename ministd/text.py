@@ -545,10 +545,24 @@ class TinyCLIP(nn.Module):
         nn.init.normal_(text.text_projection.weight, std=width ** -0.5)
 
     @classmethod
-    def from_pretrained(cls, weights: str | Path = None, dtype: torch.dtype = torch.float32) -> "TinyCLIP":
-        """The shipped ShapesWorld CLIP: ``data/shapes_clip.safetensors`` and its
-        ``.json`` config next to it (weights stored as float16)."""
+    def from_pretrained(cls, weights: str | Path | None = None, dtype: torch.dtype = torch.float32) -> "TinyCLIP":
+        """Load a tiny CLIP written by ``python -m ministd.train.clip export``: a
+        ``name.safetensors`` file and its ``name.json`` config next to it.
+
+        ``weights`` is that file, or a folder holding it, as every other
+        ``from_pretrained`` takes a folder: in a folder, ``shapes_clip.safetensors``
+        if present, else its only ``.safetensors`` file (so ``"data"`` works).
+        Default: the shipped ShapesWorld CLIP, ``data/shapes_clip.safetensors``
+        (weights stored as float16).
+        """
         weights = Path(weights) if weights is not None else SHAPES_CLIP_FILE
+        if weights.is_dir():
+            named = weights / SHAPES_CLIP_FILE.name
+            found = [named] if named.is_file() else sorted(weights.glob("*.safetensors"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"{weights} must hold {SHAPES_CLIP_FILE.name} or exactly one .safetensors "
+                                        f"file (with its .json beside it); found {[f.name for f in found]}")
+            weights = found[0]
         return load_model(weights, lambda fields: cls(TinyCLIPConfig.from_dict(fields)), dtype=dtype)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,11 @@ Parameter names follow the diffusers layout (``encoder.down_blocks.0.resnets.0.c
 CompVis/Stability single-file layout (``first_stage_model.encoder.down.0.block.0...``)
 is renamed by :func:`convert_original_vae_state_dict`.
 
+The LDM paper's other first stage, "VQ-reg", replaces the Gaussian posterior
+by a codebook: :class:`VectorQuantizer` (van den Oord et al. 2017) snaps every
+latent vector to its nearest code, and :func:`codebook_usage` measures how
+much of the codebook is used. Chapter 04 trains both kinds side by side.
+
 Input rules (checked before any computation): images must be float tensors of
 shape [B, in_channels, H, W] with H and W multiples of the downsampling factor
 and values in [-1, 1] (a tolerance of 1e-3 allows rounding). Grayscale (1
@@ -339,6 +344,88 @@ class DiagonalGaussianDistribution:
         KL = ½ Σ (μ² + σ² − 1 − log σ²).
         """
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+# --------------------------------------------------------------------------- #
+# The other regulariser: vector quantisation
+# --------------------------------------------------------------------------- #
+
+VQ_BETA = 0.25   # weight of the commitment loss (van den Oord et al. 2017, section 4.1)
+
+
+class VectorQuantizer(nn.Module):
+    """Snap every latent vector to its nearest codebook entry (VQ-VAE, VQGAN, LDM "VQ-reg").
+
+    van den Oord et al., "Neural Discrete Representation Learning" (NeurIPS 2017),
+    section 3.1 and equation 3; used by Esser et al.'s VQGAN (2021) and by the
+    LDM paper's VQ-regularised first stages (Rombach et al. 2022, section 3 and
+    appendix G), where the quantiser sits in the decoder's first layer.
+
+    The codebook is ``num_codes`` learned vectors of ``code_dim`` numbers
+    (``codebook.weight`` [K, D]). For latents z [B, D, h, w]:
+
+    * each of the B·h·w vectors z_i is replaced by the code e_k with the smallest
+      squared distance ‖z_i − e_k‖² = ‖z_i‖² − 2 z_i·e_k + ‖e_k‖²;
+    * **straight-through estimator**: the forward pass returns e_k, the backward
+      pass copies the gradient of e_k onto z_i unchanged (argmin has no gradient),
+      written z + (e − z).detach();
+    * the loss trains what that gradient cannot reach, with sg = stop-gradient::
+
+          loss = mean ‖sg[z] − e‖²  +  β · mean ‖z − sg[e]‖²
+                 codebook loss          commitment loss (β = 0.25)
+
+      The codebook loss moves the codes toward the encoder's outputs; the
+      commitment loss keeps the encoder from running away from its codes.
+
+    ``forward(z)`` returns ``(z_q, loss, indices)``: z_q [B, D, h, w] (the
+    codes, with the straight-through gradient), loss (a scalar) and indices
+    [B, h, w] (long, into the codebook). diffusers' ``VectorQuantizer`` with
+    ``legacy=False`` computes the same (its default ``legacy=True`` puts β on
+    the codebook term instead, a bug kept for old checkpoints).
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, beta: float = VQ_BETA):
+        super().__init__()
+        if num_codes < 1 or code_dim < 1:
+            raise ValueError(f"num_codes and code_dim must be >= 1, got {num_codes} and {code_dim}")
+        self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
+        self.codebook = nn.Embedding(num_codes, code_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / num_codes, 1.0 / num_codes)   # as in VQ-VAE/VQGAN code
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices [B, h, w] of the nearest code to each vector of z [B, D, h, w]."""
+        if z.ndim != 4 or z.shape[1] != self.code_dim:
+            raise ValueError(f"z must have shape [B, {self.code_dim}, h, w], got {tuple(z.shape)}")
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)              # [B·h·w, D]
+        codes = self.codebook.weight                                         # [K, D]
+        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.T
+                     + codes.pow(2).sum(1)[None])                            # [B·h·w, K]
+        return distances.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices [B, h, w] -> codes [B, D, h, w]."""
+        return self.codebook(indices).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = self.nearest(z)
+        e = self.lookup(indices)
+        codebook_loss = (e - z.detach()).pow(2).mean()
+        commitment_loss = (z - e.detach()).pow(2).mean()
+        z_q = z + (e - z).detach()          # value e, gradient d z_q / d z = identity
+        return z_q, codebook_loss + self.beta * commitment_loss, indices
+
+
+def codebook_usage(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
+    """How much of a codebook a batch of code indices uses: (share of codes used, perplexity).
+
+    Perplexity is exp(entropy) of the codes' frequencies: the number of equally
+    used codes that would give the same entropy (``num_codes`` at best, 1 when
+    everything maps to one code).
+    """
+    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
 
 
 # --------------------------------------------------------------------------- #

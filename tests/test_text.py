@@ -306,3 +306,35 @@ def test_shipped_clip_meets_its_bar():
     model = TinyCLIP.from_pretrained()
     metrics = evaluate(model, CLIPTokenizer.from_vocab_file(), n=300)
     assert metrics["color_top1"] >= 0.9 and metrics["shape_top1"] >= 0.9, metrics
+
+
+def test_tiny_clip_from_pretrained_takes_a_file_or_a_folder(tmp_path):
+    """Like every other from_pretrained, TinyCLIP's takes a folder (its one .safetensors file with
+    the .json sidecar, or shapes_clip.safetensors among others) as well as the file itself."""
+    from ministd.weights import save_model
+
+    torch.manual_seed(0)
+    cfg = TinyCLIPConfig(text=CLIPTextConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                                             intermediate_size=64, projection_dim=16),
+                         image_size=16, image_channels=(8, 16), embed_dim=16)
+    model = TinyCLIP(cfg)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    save_model(model, folder / "tiny.safetensors", cfg.to_dict(), dtype=torch.float32)
+    expected = model.state_dict()
+    for source in (folder / "tiny.safetensors", folder, str(folder)):
+        loaded = TinyCLIP.from_pretrained(source).state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), source
+    # several files: the folder must say which (shapes_clip.safetensors is the book's name)
+    save_model(model, folder / "other.safetensors", cfg.to_dict(), dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="exactly one"):
+        TinyCLIP.from_pretrained(folder)
+    save_model(model, folder / "shapes_clip.safetensors", cfg.to_dict(), dtype=torch.float32)
+    assert TinyCLIP.from_pretrained(folder).config == cfg
+    # the shipped model: default, its file, and the data/ folder all give the same weights
+    from ministd.text import SHAPES_CLIP_FILE
+    a = TinyCLIP.from_pretrained().state_dict()
+    for source in (SHAPES_CLIP_FILE, SHAPES_CLIP_FILE.parent):
+        b = TinyCLIP.from_pretrained(source).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)

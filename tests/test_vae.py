@@ -415,3 +415,125 @@ def test_shipped_shapes_vae_meets_the_full_bar():
     from ministd.train.vae import evaluate
     report = evaluate(AutoencoderKL.load(DATA / "shapes_vae.safetensors"), n=256, verbose=False)
     assert report["meets_bar"], report
+
+
+# ----------------------------------------------------------------- vector quantisation (VQ-reg)
+VQ_TOL = dict(atol=1e-6, rtol=1e-5)   # float32; the two implementations differ only in summation order
+
+
+def vq_and_input(k=16, d=4, seed=0, shape=(2, 4, 5, 3)):
+    """A quantiser with well-spread random codes and latents around them (no near-ties)."""
+    from ministd.vae import VectorQuantizer
+    torch.manual_seed(seed)
+    vq = VectorQuantizer(k, d)
+    with torch.no_grad():
+        vq.codebook.weight.normal_()
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1))
+    return vq, z
+
+
+def test_vq_picks_the_nearest_code_by_brute_force():
+    vq, z = vq_and_input(k=32, shape=(3, 4, 6, 7))
+    _, _, idx = vq(z)
+    assert idx.shape == (3, 6, 7) and idx.dtype == torch.long
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, 4)                                  # [N, D]
+    brute = torch.stack([((v - vq.codebook.weight) ** 2).sum(1).argmin() for v in vectors])
+    assert torch.equal(idx.flatten(), brute)
+    z_q, _, _ = vq(z)
+    torch.testing.assert_close(z_q, vq.codebook.weight[idx].permute(0, 3, 1, 2), **VQ_TOL)
+
+
+def test_vq_straight_through_gradient_is_the_identity():
+    vq, z = vq_and_input()
+    z.requires_grad_(True)
+    z_q, _, _ = vq(z)
+    upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+    (z_q * upstream).sum().backward()
+    assert torch.equal(z.grad, upstream)          # d z_q / d z = I exactly
+    assert vq.codebook.weight.grad is None        # z_q alone sends nothing to the codebook
+
+
+def test_vq_loss_is_codebook_plus_beta_commitment():
+    """Eq. 3 of van den Oord et al. 2017: ‖sg[z] − e‖² + β‖z − sg[e]‖², β = 0.25, as means."""
+    from ministd.vae import VQ_BETA
+    vq, z = vq_and_input()
+    z.requires_grad_(True)
+    _, loss, idx = vq(z)
+    e = vq.codebook.weight[idx].permute(0, 3, 1, 2)
+    mse = ((z - e) ** 2).mean()
+    assert VQ_BETA == 0.25
+    torch.testing.assert_close(loss, (1 + VQ_BETA) * mse, **VQ_TOL)   # same value, different gradients
+    loss.backward()
+    # commitment gradient on z: β · 2(z − e)/N; codebook gradient on the codes: 2(e − z)/N summed per code
+    n = z.numel()
+    torch.testing.assert_close(z.grad, VQ_BETA * 2 * (z - e).detach() / n, **VQ_TOL)
+    expected = torch.zeros_like(vq.codebook.weight)
+    expected.index_add_(0, idx.flatten(), (2 * (e - z).detach() / n).permute(0, 2, 3, 1).reshape(-1, 4))
+    torch.testing.assert_close(vq.codebook.weight.grad, expected, **VQ_TOL)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_vq_parity_with_diffusers(legacy):
+    """diffusers' VectorQuantizer (0.42.1: n_e, vq_embed_dim, beta, remap, unknown_index,
+    sane_index_shape, legacy) holding our codebook, on random latents.
+
+    Both give the same indices, quantised latents and loss value (the codebook and
+    commitment terms have equal values; they differ in where the gradient goes).
+    legacy=False is eq. 3 (β on the commitment term), which we implement: the gradients on
+    the latents and on the codebook agree too. legacy=True (diffusers' default, kept for
+    old checkpoints) puts β on the codebook term: its gradient on the latents is ours / β.
+    Tolerance: float32, atol 1e-6 / rtol 1e-5.
+    """
+    from diffusers.models.autoencoders.vae import VectorQuantizer as RefVQ
+    vq, z = vq_and_input(k=24, shape=(2, 4, 8, 8), seed=3)
+    ref = RefVQ(24, 4, beta=0.25, legacy=legacy, sane_index_shape=True)
+    ref.embedding.weight.data.copy_(vq.codebook.weight.data)
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    ours_q, ours_loss, ours_idx = vq(z1)
+    ref_q, ref_loss, (_, _, ref_idx) = ref(z2)
+    assert torch.equal(ours_idx, ref_idx)
+    torch.testing.assert_close(ours_q, ref_q, **VQ_TOL)
+    torch.testing.assert_close(ours_loss, ref_loss, **VQ_TOL)
+    ours_loss.backward()
+    ref_loss.backward()
+    if legacy:
+        torch.testing.assert_close(z2.grad, z1.grad / 0.25, **VQ_TOL)
+        torch.testing.assert_close(ref.embedding.weight.grad, vq.codebook.weight.grad * 0.25, **VQ_TOL)
+        return
+    torch.testing.assert_close(z1.grad, z2.grad, **VQ_TOL)
+    torch.testing.assert_close(vq.codebook.weight.grad, ref.embedding.weight.grad, **VQ_TOL)
+    # and the straight-through path: an upstream gradient through z_q reaches z unchanged in both
+    z1.grad, z2.grad = None, None
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
+    (vq(z1)[0] * w).sum().backward()
+    (ref(z2)[0] * w).sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad, **VQ_TOL)
+
+
+def test_codebook_usage_share_and_perplexity():
+    from ministd.vae import codebook_usage
+    share, perplexity = codebook_usage(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 8)
+    assert share == 0.5 and perplexity == pytest.approx(4.0)          # 4 codes, equally used
+    share, perplexity = codebook_usage(torch.zeros(5, 3, dtype=torch.long), 16)
+    assert share == 1 / 16 and perplexity == pytest.approx(1.0)       # collapse onto one code
+    p = torch.tensor([0.5, 0.25, 0.25])
+    _, perplexity = codebook_usage(torch.tensor([0, 0, 1, 2]), 3)
+    assert perplexity == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+
+
+def test_vq_rejects_wrong_latent_shape():
+    vq, _ = vq_and_input()
+    with pytest.raises(ValueError, match=r"\[B, 4, h, w\]"):
+        vq(torch.zeros(1, 3, 2, 2))
+
+
+def test_fine_tuned_vae_file_keeps_the_encoder_and_scaling_factor():
+    """data/shapes_vae_ft (chapter 04's VAE-file swap): a decoder-only fine-tune of data/shapes_vae."""
+    from ministd.weights import read_safetensors
+    shipped, tuned = (read_safetensors(DATA / f"{n}.safetensors") for n in ("shapes_vae", "shapes_vae_ft"))
+    assert shipped.keys() == tuned.keys()
+    decoder = [k for k in shipped if k.startswith(("decoder.", "post_quant_conv."))]
+    assert all(torch.equal(shipped[k], tuned[k]) for k in shipped if k not in decoder)
+    assert any(not torch.equal(shipped[k], tuned[k]) for k in decoder)
+    a, b = (AutoencoderKL.load(DATA / f"{n}.safetensors") for n in ("shapes_vae", "shapes_vae_ft"))
+    assert a.config == b.config
