@@ -37,6 +37,7 @@ MODULE_CHAPTER: dict[str, int] = {
     "infotext": 15,       # generation parameters in a PNG, in the web UIs' layout (the command line)
     "adapters": 16,       # LoRA, textual inversion, hypernetworks: files readers trade, on ministd's networks
     "controlnet": 16,     # ControlNet: a trainable copy of the U-Net's down path, joined by zero convolutions
+    "train.adapters": 16,  # training and measuring the book's embedding, LoRAs, hypernetwork and ControlNet
 }
 
 

@@ -98,6 +98,15 @@ from ministd.unet import Attention, original_key_map
 from ministd.weights import load_strict, read_safetensors, read_safetensors_header, write_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+DATA = Path(__file__).resolve().parent.parent / "data"
+# the book's own adapters for the shipped "shapes" model (trained by ministd.train.adapters; data/README.md)
+SHIPPED: dict[str, dict[str, Path]] = {
+    "textual inversion": {"shapes-star": DATA / "shapes_star_embedding.safetensors",
+                          "shapes-star-tuned": DATA / "shapes_star_tuned_embedding.safetensors"},
+    "LoRA": {"shapes-outline": DATA / "shapes_outline_lora.safetensors",
+             "shapes-star-tuned": DATA / "shapes_star_tuned_lora.safetensors"},
+    "hypernetwork": {"shapes-outline": DATA / "shapes_outline_hypernetwork.safetensors"},
+}
 TEXT_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
@@ -132,11 +141,23 @@ def read_adapter_file(path: str | Path, allow_pickle: bool = False) -> tuple[dic
     return contents, {}
 
 
-def _contents(path_or_state, allow_pickle: bool) -> tuple[dict, dict[str, str], str]:
-    """(contents, metadata, a name for messages) of a file path or an in-memory dict."""
+def shipped_file(path_or_name, kind: str):
+    """The data/ file of a shipped adapter name of ``kind`` (a key of SHIPPED); anything else unchanged."""
+    if not isinstance(path_or_name, str) or path_or_name not in SHIPPED[kind]:
+        return path_or_name
+    path = SHIPPED[kind][path_or_name]
+    if not path.is_file():
+        raise FileNotFoundError(f"the shipped {kind} {path_or_name!r} (data/{path.name}) has not been trained "
+                                "yet; see data/README.md")
+    return path
+
+
+def _contents(path_or_state, allow_pickle: bool, kind: str) -> tuple[dict, dict[str, str], str]:
+    """(contents, metadata, a name for messages) of a file path, a shipped name of ``kind``,
+    or an in-memory dict."""
     if isinstance(path_or_state, Mapping):
         return dict(path_or_state), {}, "the given state dict"
-    contents, metadata = read_adapter_file(path_or_state, allow_pickle)
+    contents, metadata = read_adapter_file(shipped_file(path_or_state, kind), allow_pickle)
     return contents, metadata, str(path_or_state)
 
 
@@ -463,7 +484,7 @@ def read_lora(pipe, path_or_state, name: str | None = None, scale: float = 1.0,
 
     Everything is checked here (names, shapes, unknown keys); nothing is applied.
     """
-    state, metadata, source = _contents(path_or_state, allow_pickle)
+    state, metadata, source = _contents(path_or_state, allow_pickle, "LoRA")
     groups = _group_lora_keys(state, lora_name_table(pipe), source)
     targets, peft = lora_targets(pipe), _peft_alphas(metadata)
     layers = {}
@@ -481,7 +502,9 @@ def load_lora(pipe, path_or_state, scale: float = 1.0, name: str | None = None,
               allow_pickle: bool = False) -> str:
     """Apply a LoRA file on the fly (see the module docstring); returns its name.
 
-    ``name`` defaults to the file's stem; a second LoRA under another name
+    ``path_or_state``: a file, a state dict, or a shipped name (``"shapes-outline"``: the
+    outlined style; ``"shapes-star-tuned"``: the U-Net half of the tuned star, with its
+    embedding). ``name`` defaults to the file's stem; a second LoRA under another name
     stacks on the first. ``scale`` multiplies its change (0 = off).
     """
     return add_lora(pipe, read_lora(pipe, path_or_state, name=name, scale=scale, allow_pickle=allow_pickle))
@@ -586,7 +609,7 @@ def read_embedding(path_or_state, token: str | None = None, allow_pickle: bool =
         if token is None:
             raise ValueError("an embedding given as a bare tensor needs token=")
     else:
-        state, _, source = _contents(path_or_state, allow_pickle)
+        state, _, source = _contents(path_or_state, allow_pickle, "textual inversion")
     stem = Path(path_or_state).stem if isinstance(path_or_state, (str, Path)) else None
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if "clip_l" in state or "clip_g" in state:                        # SDXL (A1111 / kohya)
@@ -642,6 +665,9 @@ def _assign(pipe, vectors: dict[str, torch.Tensor], source: str) -> list[tuple[s
 
 def load_textual_inversion(pipe, path_or_state, token: str | None = None, allow_pickle: bool = False) -> list[str]:
     """Add a learned word to ``pipe``'s tokenizer(s) and text encoder(s); returns the tokens added.
+
+    The book's own: ``"shapes-star"`` (the word ``<star>``, learned with the U-Net frozen) and
+    ``"shapes-star-tuned"`` (learned together with the LoRA of the same name).
 
     ``path_or_state``: a ``.safetensors`` file (or a pickled ``.pt``/``.bin`` with
     ``allow_pickle=True``), a state dict, or a tensor [n, D] with ``token``.
@@ -796,7 +822,7 @@ def _hypernetwork_layers(state: Mapping) -> dict[int, tuple[Mapping, Mapping]]:
 
 def read_hypernetwork(path_or_state, allow_pickle: bool = False, name: str | None = None) -> Hypernetwork:
     """An A1111 hypernetwork (.pt with ``allow_pickle=True``, or its dict) or ministd's safetensors form."""
-    state, metadata, source = _contents(path_or_state, allow_pickle)
+    state, metadata, source = _contents(path_or_state, allow_pickle, "hypernetwork")
     if any(isinstance(k, int) for k in state):                         # A1111's own dict
         layers = _hypernetwork_layers(state)
         options = HypernetworkOptions.from_a1111(state)
@@ -864,7 +890,8 @@ def add_hypernetwork(pipe, hypernetwork: Hypernetwork) -> Hypernetwork:
 
 
 def load_hypernetwork(pipe, path_or_state, strength: float = 1.0, allow_pickle: bool = False) -> Hypernetwork:
-    """Apply an A1111 hypernetwork at ``strength`` (0 = no change; ``.strength`` may be changed later)."""
+    """Apply an A1111 hypernetwork (a file, a state dict, or the book's ``"shapes-outline"``) at
+    ``strength`` (0 = no change; ``.strength`` may be changed later)."""
     hypernetwork = read_hypernetwork(path_or_state, allow_pickle)
     hypernetwork.strength = _check_number(strength, "strength")
     return add_hypernetwork(pipe, hypernetwork)

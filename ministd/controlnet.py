@@ -480,8 +480,11 @@ def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,
     if "controlnet_cond_embedding.conv_in.weight" in keys:          # diffusers' names
         if (path.parent / "config.json").is_file():
             return ControlNetModel.from_pretrained(path.parent, dtype=dtype)
+        if path.with_suffix(".json").is_file():                      # the book's pair (ControlNetModel.save)
+            return ControlNetModel.load(path, dtype=dtype)
         raise ValueError(f"{path} holds a diffusers ControlNet's weights (controlnet_cond_embedding.*) but no "
-                         "config.json lies beside it: load the folder it came from")
+                         f"config.json lies beside it (nor {path.with_suffix('.json').name}): load the folder "
+                         "it came from")
     hinted = [k for k in keys if k.endswith("input_hint_block.0.weight")]
     if not hinted or hinted[0] not in (f"{ORIGINAL_PREFIX}input_hint_block.0.weight", "input_hint_block.0.weight"):
         if any(k.startswith("model.diffusion_model.") for k in keys):

@@ -133,26 +133,37 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}; shapes are {', '.join(ALL_SHAPES)}")
 
 
-def draw_scene(attrs: dict, size: int = 64, jitter: Sequence[tuple[float, float, float]] | None = None) -> Image.Image:
+STYLES: tuple[str, ...] = ("filled", "outlined")
+OUTLINE_WIDTH = 2 / 64      # the stroke of the "outlined" style, as a fraction of the side (2 pixels at 64)
+
+
+def draw_scene(attrs: dict, size: int = 64, jitter: Sequence[tuple[float, float, float]] | None = None,
+               style: str = "filled") -> Image.Image:
     """Render an attribute record to a ``size``×``size`` RGB picture.
 
     ``jitter`` optionally gives, per object, (dx, dy, scale) offsets as
     fractions of the side, so repeated renders of one caption differ a little.
-    Drawn at 4× resolution and box-filtered down (anti-aliasing).
+    ``style``: "filled" (the world's pictures) or "outlined" (only a stroke of
+    OUTLINE_WIDTH along each shape's edge: the "style" chapter 16's LoRA and
+    hypernetwork learn). Drawn at 4× resolution and box-filtered down (anti-aliasing).
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     big = size * _SUPERSAMPLE
     img = Image.new("RGB", (big, big), PALETTE[attrs["background"]])
     draw = ImageDraw.Draw(img)
+    stroke = max(1, round(OUTLINE_WIDTH * big))
     for k, obj in enumerate(attrs["objects"]):
         dx, dy, scale = jitter[k] if jitter is not None else (0.0, 0.0, 1.0)
         col, row = POSITIONS[obj["position"]]
         cx, cy = (_GRID[col] + dx) * big, (_GRID[row] + dy) * big
         r = SIZES[obj["size"]] * scale * big
-        fill = PALETTE[obj["color"]]
+        color = PALETTE[obj["color"]]
+        paint = {"fill": color} if style == "filled" else {"outline": color, "width": stroke}
         if obj["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), **paint)
         else:
-            draw.polygon(_shape_polygon(obj["shape"], cx, cy, r), fill=fill)
+            draw.polygon(_shape_polygon(obj["shape"], cx, cy, r), **paint)
     return img.resize((size, size), Image.Resampling.BOX)
 
 
@@ -537,6 +548,37 @@ def image_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int
         r, c = divmod(k, cols)
         grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def edge_map(picture: Image.Image | np.ndarray, threshold: float = 64.0) -> Image.Image:
+    """The edges of a picture, white on black: the control image of chapter 16's ControlNet.
+
+    picture: PIL RGB or uint8 array [H, W, 3]. Each colour channel is filtered
+    with the 3x3 Sobel kernels (Sobel & Feldman 1968), the gradient magnitude
+    sqrt(gx^2 + gy^2) is taken per channel and the largest over channels kept
+    (two colours of equal brightness still have an edge between them); pixels
+    above ``threshold`` (in 0-255 units of the magnitude) are edges. Returns a
+    PIL RGB picture of the same size, 255 on edges, 0 elsewhere, as Canny
+    control images are (Canny adds thinning and two thresholds: a ShapesWorld
+    edge is clean enough without them).
+    """
+    if isinstance(picture, Image.Image):
+        picture = np.asarray(picture.convert("RGB"))
+    picture = np.asarray(picture)
+    if picture.ndim != 3 or picture.shape[2] != 3:
+        raise ValueError(f"picture must be an RGB image [H, W, 3], got shape {picture.shape}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
+    x = np.pad(picture.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = picture.shape[:2]
+
+    def window(dy: int, dx: int) -> np.ndarray:
+        return x[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (window(-1, 1) + 2 * window(0, 1) + window(1, 1)) - (window(-1, -1) + 2 * window(0, -1) + window(1, -1))
+    gy = (window(1, -1) + 2 * window(1, 0) + window(1, 1)) - (window(-1, -1) + 2 * window(-1, 0) + window(-1, 1))
+    edges = np.sqrt(gx ** 2 + gy ** 2).max(-1) > threshold
+    return Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1))
 
 
 def default_device() -> torch.device:

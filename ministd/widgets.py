@@ -484,3 +484,44 @@ def inpaint_app(pipe, image: Image.Image | None = None, prompt: str = "a large y
         control.observe(redraw, names="value")
     redraw()
     return w.VBox([w.HBox([mask, paste]), text, w.HBox([strength, cfg]), w.HBox([seed, blur]), picture, status])
+
+
+# ---------------------------------------------------------------- adapters (chapter 16)
+
+def adapter_scale_image(pipe, prompt: str, set_scale, scale: float = 1.0, guidance_scale: float = 7.5,
+                        num_inference_steps: int = 20, seed: int = 0, size: int = 4) -> Image.Image:
+    """One picture with an adapter at ``scale``: ``set_scale(scale)`` is called first (e.g.
+    ``lambda s: pipe.set_lora_scale("shapes-outline", s)``, or a hypernetwork's strength)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a number, got {scale!r}")
+    set_scale(float(scale))
+    image = pipe.txt2img(prompt, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                         seed=seed).images[0]
+    side = image.size[0] * size
+    return image.resize((side, side), Image.Resampling.NEAREST)
+
+
+def adapter_scale_app(pipe, set_scale, prompt: str = "a large red circle on a blue background",
+                      label: str = "LoRA scale"):
+    """A scale slider (0 to 1.5) for an adapter, a prompt box and a seed slider; every change
+    redraws with :func:`adapter_scale_image`."""
+    import ipywidgets as w
+
+    pipe.progress_bar = False
+    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
+    scale = w.FloatSlider(value=1.0, min=0.0, max=1.5, step=0.05, description=label, continuous_update=False)
+    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
+    picture = w.Image(format="png")
+    status = w.HTML()
+
+    def redraw(_=None):
+        try:
+            picture.value = _png(adapter_scale_image(pipe, text.value, set_scale, scale.value, seed=seed.value))
+            status.value = ""
+        except ValueError as exc:
+            status.value = f"<b>{exc}</b>"
+
+    for control in (text, scale, seed):
+        control.observe(redraw, names="value")
+    redraw()
+    return w.VBox([text, w.HBox([scale, seed]), picture, status])

@@ -231,9 +231,11 @@ def test_original_single_file_loads_equal(tmp_path):
         load_controlnet(tmp_path / "broken.safetensors", config=dict(ref.config))
 
 
-def test_loading_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not been trained yet"):
-        load_controlnet("shapes-edges")
+def test_loading_errors(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:            # a shipped name whose file is not there
+        patch.setitem(cn_module.SHIPPED, "shapes-edges", tmp_path / "missing.safetensors")
+        with pytest.raises(FileNotFoundError, match="not been trained yet"):
+            load_controlnet("shapes-edges")
     with pytest.raises(FileNotFoundError, match="no ControlNet"):
         ministd.load_controlnet(tmp_path / "absent")
     write_safetensors(tmp_path / "sd.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)})

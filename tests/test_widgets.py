@@ -220,3 +220,36 @@ def test_figure_titles_keep_their_line_breaks():
 
     assert _wrap("strength 0.6\n12 steps", 30) == "strength 0.6\n12 steps"
     assert _wrap("a small red circle in the top left", 12) == "a small red\ncircle in\nthe top left"
+
+
+# ------------------------------------------------ chapter 16: the adapter scale slider
+
+def test_adapter_scale_image_sets_the_scale_first(pipe):
+    from ministd.widgets import adapter_scale_image
+
+    seen = []
+    image = adapter_scale_image(pipe, "a red circle", seen.append, 0.5, num_inference_steps=2, size=2)
+    assert seen == [0.5] and image.size == (128, 128)
+    with pytest.raises(ValueError, match="scale must be a number"):
+        adapter_scale_image(pipe, "a red circle", seen.append, "high")
+
+
+def test_adapter_scale_app_redraws_with_the_lora_scale(pipe):
+    import torch
+
+    from ministd.adapters import add_lora, new_lora
+    from ministd.widgets import adapter_scale_app
+
+    lora = new_lora(pipe, rank=2, name="test-scale")
+    for layer in lora.layers.values():                    # a LoRA that changes something
+        layer.up.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    add_lora(pipe, lora)
+    try:
+        app = adapter_scale_app(pipe, lambda v: pipe.set_lora_scale("test-scale", v))
+        text, (scale, seed), picture, status = app.children[0], app.children[1].children, app.children[2], \
+            app.children[3]
+        first = picture.value
+        scale.value = 0.0
+        assert picture.value != first and lora.scale == 0.0 and status.value == ""
+    finally:
+        pipe.unload_lora("test-scale")

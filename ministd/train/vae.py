@@ -404,8 +404,15 @@ def export(args) -> None:
     model = load_checkpoint(args.checkpoint)
     print("float32 checkpoint:")
     r32 = evaluate(model, n=args.n)
-    model.config.scaling_factor = round(r32["suggested_scaling_factor"], 5)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    start = state["args"].get("init_from")
+    if state["args"].get("decoder_only") and start and str(start).endswith(".safetensors") and Path(start).is_file():
+        # the encoder was frozen: the latent space, and with it the scaling factor every model
+        # trained on it uses, stays the starting VAE's (re-measuring would move it by rounding)
+        model.config.scaling_factor = AutoencoderKL.load(start).config.scaling_factor
+        print(f"decoder-only run: keeping the scaling factor {model.config.scaling_factor} of {start}")
+    else:
+        model.config.scaling_factor = round(r32["suggested_scaling_factor"], 5)
     model.save(args.out, dtype=torch.float16, extra_config={
         "_ministd": {"trained_steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
                      "training_args": state["args"]}})
