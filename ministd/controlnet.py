@@ -60,7 +60,7 @@ from torch import nn
 
 from ministd import speed
 from ministd import unet as _unet
-from ministd.unet import DIFFUSERS_WEIGHTS, DownBlock, MidBlock, TimestepEmbedding, UNet, UNetConfig
+from ministd.unet import DIFFUSERS_WEIGHTS, UNet, UNetConfig, build_encoder_half
 from ministd.weights import (WeightsMismatchError, build_on_meta, load_model, load_strict, read_json,
                              read_weights, rename_by_prefix, save_model, strip_prefix, write_safetensors)
 
@@ -206,34 +206,20 @@ class ControlNetModel(nn.Module):
         super().__init__()
         self.config = config
         ch = config.block_out_channels
-        # the trainable copy: the same modules, built the same way, as the U-Net's encoder half
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
-        self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
-                              if config.is_sdxl_type else None)
-        self.down_blocks = nn.ModuleList(DownBlock(config, level, ch[max(level - 1, 0)], out)
-                                         for level, out in enumerate(ch))
-        self.mid_block = MidBlock(config)
+        # the trainable copy: the U-Net's encoder half, built by the U-Net's own code
+        skip_channels = build_encoder_half(self, config)
         # what the copy adds: the condition encoder in front, the zero convolutions behind
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(ch[0], config.conditioning_channels,
                                                                config.conditioning_embedding_out_channels)
-        skip_channels = [ch[0]] + [c for level, c in enumerate(ch)
-                                   for _ in range(config.layers_per_block + (level < config.num_levels - 1))]
         self.controlnet_down_blocks = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in skip_channels)
         self.controlnet_mid_block = _zero(nn.Conv2d(ch[-1], ch[-1], 1))
 
-    # the U-Net's own code for its inputs: these read only config, time_embedding and add_embedding
+    # the U-Net's own code for its inputs: these read only config, conv_in, time_embedding and add_embedding
     embed_time = UNet.embed_time
     embed_added_cond = UNet.embed_added_cond
     _check_unet_inputs = UNet._check_inputs
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
+    dtype = UNet.dtype          # properties: conv_in's weight's dtype and device
+    device = UNet.device
 
     @property
     def conditioning_factor(self) -> int:

@@ -785,6 +785,30 @@ class CrossAttentionMaps:
         return total / len(self.records)
 
 
+def build_encoder_half(module: nn.Module, config: UNetConfig) -> list[int]:
+    """Give ``module`` the encoder half of a U-Net, under diffusers' names: ``conv_in``,
+    ``time_embedding``, ``add_embedding`` (SDXL-type, else None), ``down_blocks`` and
+    ``mid_block``. Returns the channel count of every skip connection, in order
+    (conv_in's output is the first). :class:`UNet` builds its down path with it, and
+    :class:`ministd.controlnet.ControlNetModel` its trainable copy, so the two always match.
+    """
+    ch = config.block_out_channels
+    module.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+    module.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
+    module.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
+                            if config.is_sdxl_type else None)
+    module.down_blocks = nn.ModuleList()
+    skip_channels = [ch[0]]
+    for level, out in enumerate(ch):
+        block = DownBlock(config, level, ch[max(level - 1, 0)], out)
+        module.down_blocks.append(block)
+        skip_channels += [out] * config.layers_per_block
+        if block.downsamplers is not None:
+            skip_channels.append(out)
+    module.mid_block = MidBlock(config)
+    return skip_channels
+
+
 class UNet(nn.Module):
     """The noise-prediction U-Net of Stable Diffusion, built from a :class:`UNetConfig`.
 
@@ -804,21 +828,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         ch = config.block_out_channels
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
-        self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, config.time_embed_dim)
-                              if config.is_sdxl_type else None)
-
-        self.down_blocks = nn.ModuleList()
-        skip_channels = [ch[0]]                       # conv_in's output is the first skip
-        for level, out in enumerate(ch):
-            block = DownBlock(config, level, ch[max(level - 1, 0)], out)
-            self.down_blocks.append(block)
-            skip_channels += [out] * config.layers_per_block
-            if block.downsamplers is not None:
-                skip_channels.append(out)
-
-        self.mid_block = MidBlock(config)
+        skip_channels = build_encoder_half(self, config)
 
         self.up_blocks = nn.ModuleList()
         in_ch = ch[-1]
