@@ -37,7 +37,8 @@ MODULE_CHAPTER: dict[str, int] = {
     "infotext": 15,       # generation parameters in a PNG, in the web UIs' layout (the command line)
     "adapters": 16,       # LoRA, textual inversion, hypernetworks: files readers trade, on ministd's networks
     "controlnet": 16,     # ControlNet: a trainable copy of the U-Net's down path, joined by zero convolutions
-    "train.adapters": 16,  # training and measuring the book's embedding, LoRAs, hypernetwork and ControlNet
+    "depth": 16,          # depth-to-image: SD 2-depth's fifth input channel, depth maps, depth2img
+    "train.adapters": 16,  # training and measuring the book's embedding, LoRAs, hypernetwork, ControlNet, depth U-Net
 }
 
 
@@ -54,7 +55,7 @@ def chapter_of(module: str) -> int:
 
 
 def load_pipeline(name_or_path: str = "shapes", **kwargs):
-    """Load a text-to-image pipeline ("shapes", a diffusers folder or a single file).
+    """Load a pipeline ("shapes", "shapes-depth", a diffusers folder or a single file).
 
     ``ministd.pipelines.load_pipeline`` (chapter 10), imported on first use so that
     ``import ministd`` stays light for the chapters before it.

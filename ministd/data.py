@@ -135,6 +135,25 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 STYLES: tuple[str, ...] = ("filled", "outlined")
 OUTLINE_WIDTH = 2 / 64      # the stroke of the "outlined" style, as a fraction of the side (2 pixels at 64)
+# The depth of an object (chapter 16), larger = nearer as in MiDaS-style relative depth: its
+# half-extent over the largest one the world draws (a large shape at the largest jitter), so a
+# large object is nearer than a small one and the background, at 0, is farthest.
+NEAREST_EXTENT = SIZES["large"] * 1.08
+
+
+def _placed_objects(attrs: dict, big: int, jitter):
+    """(object, centre x, centre y, half-extent r) in pixels of a ``big``-sided canvas, per object."""
+    for k, obj in enumerate(attrs["objects"]):
+        dx, dy, scale = jitter[k] if jitter is not None else (0.0, 0.0, 1.0)
+        col, row = POSITIONS[obj["position"]]
+        yield obj, (_GRID[col] + dx) * big, (_GRID[row] + dy) * big, SIZES[obj["size"]] * scale * big
+
+
+def _paint(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, **paint) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), **paint)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r), **paint)
 
 
 def draw_scene(attrs: dict, size: int = 64, jitter: Sequence[tuple[float, float, float]] | None = None,
@@ -153,18 +172,30 @@ def draw_scene(attrs: dict, size: int = 64, jitter: Sequence[tuple[float, float,
     img = Image.new("RGB", (big, big), PALETTE[attrs["background"]])
     draw = ImageDraw.Draw(img)
     stroke = max(1, round(OUTLINE_WIDTH * big))
-    for k, obj in enumerate(attrs["objects"]):
-        dx, dy, scale = jitter[k] if jitter is not None else (0.0, 0.0, 1.0)
-        col, row = POSITIONS[obj["position"]]
-        cx, cy = (_GRID[col] + dx) * big, (_GRID[row] + dy) * big
-        r = SIZES[obj["size"]] * scale * big
+    for obj, cx, cy, r in _placed_objects(attrs, big, jitter):
         color = PALETTE[obj["color"]]
         paint = {"fill": color} if style == "filled" else {"outline": color, "width": stroke}
-        if obj["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), **paint)
-        else:
-            draw.polygon(_shape_polygon(obj["shape"], cx, cy, r), **paint)
+        _paint(draw, obj["shape"], cx, cy, r, **paint)
     return img.resize((size, size), Image.Resampling.BOX)
+
+
+def draw_depth(attrs: dict, size: int = 64, jitter: Sequence[tuple[float, float, float]] | None = None
+               ) -> np.ndarray:
+    """The depth map of the scene :func:`draw_scene` draws: float32 [size, size] in [0, 1].
+
+    ShapesWorld is flat, so its depth is a stage set: the background at 0 (farthest)
+    and each object a flat cut-out at depth r / NEAREST_EXTENT (its half-extent r as a
+    fraction of the side), larger = nearer, as the relative inverse depth of MiDaS /
+    DPT (the estimators SD 2's depth model was trained with) is. Nearer objects are
+    painted last, so they cover farther ones; edges are anti-aliased like the picture's.
+    """
+    big = size * _SUPERSAMPLE
+    img = Image.new("F", (big, big), 0.0)
+    draw = ImageDraw.Draw(img)
+    placed = sorted(_placed_objects(attrs, big, jitter), key=lambda placed: placed[3])   # far to near
+    for obj, cx, cy, r in placed:
+        _paint(draw, obj["shape"], cx, cy, r, fill=min(1.0, r / big / NEAREST_EXTENT))
+    return np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32).copy()
 
 
 # --------------------------------------------------------------------------- #
@@ -363,6 +394,11 @@ class ShapesWorld:
         attrs, jitter, rng = self.attributes(index)
         caption, _ = write_caption(attrs, rng, complete=self.complete_captions)
         return draw_scene(attrs, self.size, jitter), caption, attrs
+
+    def depth(self, index: int) -> np.ndarray:
+        """The depth map of sample ``index`` (:func:`draw_depth`): float32 [size, size], 1 = nearest."""
+        attrs, jitter, _ = self.attributes(index)
+        return draw_depth(attrs, self.size, jitter)
 
     def render(self, caption: str, seed: int = 0) -> tuple[Image.Image, dict]:
         """Draw a caption you wrote into its ground-truth picture.

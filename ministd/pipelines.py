@@ -45,6 +45,8 @@ from ministd.weights import read_json
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# the book's own models (name -> its U-Net's file stem in data/; tokenizer, CLIP and VAE are shared)
+SHAPES_UNETS = {"shapes": "shapes_unet", "shapes-depth": "shapes_depth_unet"}
 
 
 @dataclass
@@ -335,7 +337,8 @@ class StableDiffusionPipeline:
                 sampler: Sampler, guidance_scale: float, guidance_rescale: float = 0.0,
                 callback: Callable | None = None, generator: torch.Generator | None = None,
                 timesteps: torch.Tensor | None = None, added_cond: dict | None = None,
-                controls: list[Control] | None = None, control_steps: int | None = None) -> torch.Tensor:
+                controls: list[Control] | None = None, control_steps: int | None = None,
+                model: Callable | None = None) -> torch.Tensor:
         """The reverse process: run ``sampler`` over its timesteps with guidance.
 
         latents [B, C, h, w] already scaled for the first step; cond/uncond
@@ -345,14 +348,16 @@ class StableDiffusionPipeline:
         the batch when guidance runs both branches.
         ``controls``: ControlNets steering the U-Net (chapter 16; :class:`Control`), each on
         for its fraction of ``control_steps`` steps (default: the steps run here).
+        ``model``: the network called instead of ``self.unet``, with the U-Net's signature
+        (depth-to-image attaches its depth channel this way: :func:`ministd.depth.with_depth`).
         """
         steps = sampler.timesteps if timesteps is None else timesteps
         extra = {} if added_cond is None else {"added_cond": added_cond}
         for i, t in enumerate(tqdm(steps, disable=not self.progress_bar, desc="sampling", leave=False)):
             x = sampler.scale_model_input(latents, t)
-            model = self.unet if not controls else controlled_unet(self.unet, controls, i,
-                                                                   control_steps or len(steps))
-            noise_pred = guided_noise_prediction(model, x, t, cond, uncond, guidance_scale, guidance_rescale,
+            net = model or self.unet
+            net = net if not controls else controlled_unet(net, controls, i, control_steps or len(steps))
+            noise_pred = guided_noise_prediction(net, x, t, cond, uncond, guidance_scale, guidance_rescale,
                                                  **extra)
             out = sampler.step(noise_pred, t, latents, generator=generator)
             latents = out.prev_sample
@@ -401,8 +406,7 @@ class StableDiffusionPipeline:
         steers the picture (chapter 16, :mod:`ministd.controlnet`); height and width then
         default to the first control image's size. See :meth:`prepare_controls`.
         """
-        if self.unet.config.in_channels == 9:
-            raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
+        self._check_plain_unet()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         controls = check_controls(controlnet, control_image, controlnet_conditioning_scale,
@@ -452,8 +456,7 @@ class StableDiffusionPipeline:
         control options: as in txt2img (the control images take the picture's size), as
         diffusers' StableDiffusionControlNetImg2ImgPipeline.
         """
-        if self.unet.config.in_channels == 9:
-            raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
+        self._check_plain_unet()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0 or math.isnan(strength):
@@ -525,6 +528,31 @@ class StableDiffusionPipeline:
                        padding_mask_crop=padding_mask_crop, paste_back=paste_back, mask_blur=mask_blur,
                        mask_dilate=mask_dilate, height=height, width=width, guidance_rescale=guidance_rescale,
                        text_options=dict(clip_skip=clip_skip, long_prompts=long_prompts, emphasis=emphasis))
+
+    # ------------------------------------------------------------ depth2img
+    def depth2img(self, prompt: str | Sequence[str], image, depth_map=None, strength: float = 0.8,
+                  negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 20,
+                  guidance_scale: float = 7.5, seed: int | None = None, sampler: str | Sampler | None = None,
+                  callback: Callable | None = None, output_type: str = "pil",
+                  generator: torch.Generator | None = None, guidance_rescale: float = 0.0) -> PipelineOutput:
+        """Redraw ``image`` for ``prompt`` keeping its depth, with a depth U-Net (SD 2-depth,
+        ``load_pipeline("shapes-depth")``); ``depth_map`` None reads it off the picture.
+        See :func:`ministd.depth.depth2img` (chapter 16)."""
+        from ministd.depth import depth2img
+
+        return depth2img(self, prompt, image, depth_map=depth_map, strength=strength,
+                         negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, seed=seed, sampler=sampler, callback=callback,
+                         output_type=output_type, generator=generator, guidance_rescale=guidance_rescale)
+
+    def _check_plain_unet(self) -> None:
+        """txt2img and img2img need a U-Net that takes latents alone."""
+        config = self.unet.config
+        if config.in_channels == 9:
+            raise ValueError("this is a 9-channel inpainting U-Net: use pipe.inpaint(prompt, image, mask_image)")
+        if config.in_channels == config.out_channels + 1:
+            raise ValueError("this is a depth U-Net (latents + a depth channel): use "
+                             "pipe.depth2img(prompt, image, depth_map=None, strength=0.8)")
 
     def _image_tensor(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image):
@@ -1071,7 +1099,8 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
                   prediction_type: str | None = None, vae: str | Path | None = None,
                   config: str | Path | dict | None = None, use_ema: bool = False,
                   allow_pickle: bool = False) -> StableDiffusionPipeline:
-    """The shipped ShapesWorld model ("shapes"), a diffusers folder, or a single file.
+    """A shipped ShapesWorld model ("shapes"; "shapes-depth", chapter 16), a diffusers folder,
+    or a single file.
 
     Nothing is downloaded: paths are local. ``prediction_type``, ``vae``, ``config``,
     ``use_ema`` (load a file's EMA copy of the U-Net) and ``allow_pickle`` are
@@ -1082,13 +1111,13 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
     file_only = {"prediction_type": prediction_type, "vae": vae, "config": config, "use_ema": use_ema,
                  "allow_pickle": allow_pickle}
     given = [name for name, value in file_only.items() if value not in (None, False)]
-    if given and (str(name_or_path) == "shapes" or Path(name_or_path).is_dir()):
+    if given and (str(name_or_path) in SHAPES_UNETS or Path(name_or_path).is_dir()):
         # a folder (and the shipped model) says all of this itself: refuse rather than ignore
         raise ValueError(f"{', '.join(given)} apply to single checkpoint files only; {name_or_path} is "
-                         f"{'the shipped model' if str(name_or_path) == 'shapes' else 'a diffusers folder'}, "
+                         f"{'a shipped model' if str(name_or_path) in SHAPES_UNETS else 'a diffusers folder'}, "
                          "whose own configs (scheduler/scheduler_config.json, vae/) decide them")
-    if str(name_or_path) == "shapes":
-        pipe = load_shapes_pipeline(dtype)
+    if str(name_or_path) in SHAPES_UNETS:
+        pipe = load_shapes_pipeline(dtype, SHAPES_UNETS[str(name_or_path)])
     else:
         path = Path(name_or_path)
         if path.is_dir():
@@ -1107,19 +1136,19 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
     return pipe.to(device) if device is not None else pipe
 
 
-def load_shapes_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The book's own text-to-image model, trained on ShapesWorld (files in data/)."""
-    config_path = DATA / "shapes_unet.json"
+def load_shapes_pipeline(dtype: torch.dtype = torch.float32, unet: str = "shapes_unet") -> StableDiffusionPipeline:
+    """The book's own model, trained on ShapesWorld (files in data/): tokenizer, tiny CLIP and
+    VAE, with the U-Net ``data/<unet>.safetensors`` (+ ``.json``): one of SHAPES_UNETS' values."""
+    config_path = DATA / f"{unet}.json"
     if not config_path.is_file():
         raise FileNotFoundError(
-            "the shipped ShapesWorld text-to-image model (data/shapes_unet.safetensors) has not been "
-            "trained yet; see data/README.md")
+            f"the shipped ShapesWorld U-Net data/{unet}.safetensors has not been trained yet; see data/README.md")
     config = json.loads(config_path.read_text())
     from ministd.text import TinyCLIP
     from ministd.vae import load_shapes_vae
 
     clip = TinyCLIP.from_pretrained(DATA / "shapes_clip.safetensors", dtype=dtype)
-    unet = UNet.load(DATA / "shapes_unet.safetensors", config_path, dtype=dtype)
+    model = UNet.load(DATA / f"{unet}.safetensors", config_path, dtype=dtype)
     scheduler = from_scheduler_config(config["_scheduler"]) if "_scheduler" in config else make_sampler("ddim")
     return StableDiffusionPipeline(tokenizer=CLIPTokenizer.from_vocab_file(), text_encoder=clip.text_encoder,
-                                   unet=unet, vae=load_shapes_vae(dtype), scheduler=scheduler)
+                                   unet=model, vae=load_shapes_vae(dtype), scheduler=scheduler)

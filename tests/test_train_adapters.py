@@ -144,7 +144,7 @@ def test_textual_inversion_moves_only_the_new_row(tmp_path):
     assert not torch.equal(table[trainable.first:], before[trainable.first:])
 
 
-@pytest.mark.parametrize("kind", ["lora", "hypernetwork", "controlnet"])
+@pytest.mark.parametrize("kind", ["lora", "hypernetwork", "controlnet", "depth"])
 def test_training_leaves_the_base_model_alone_and_resumes_exactly(kind, tmp_path):
     """Two steps, then two more from the checkpoint == four steps straight; the base networks unchanged."""
     pipe = ta.base_pipeline("cpu")
@@ -182,6 +182,9 @@ def test_fresh_adapters_start_as_the_base_model(tmp_path):
         cn = ta.Trainable(pipe, "controlnet", _args("controlnet", tmp_path))
         control = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(cn.model(control)(x, t, states), plain, rtol=0, atol=0)
+        depth = ta.Trainable(pipe, "depth", _args("depth", tmp_path))
+        torch.testing.assert_close(depth.model(torch.rand(2, 1, 16, 16) * 2 - 1)(x, t, states), plain,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ta.KINDS)
@@ -208,10 +211,23 @@ def test_export_writes_a_file_the_loaders_read(kind, tmp_path):
         network = pipe.load_hypernetwork(out)
         for k, v in network.state_dict().items():
             torch.testing.assert_close(v, trained[k], rtol=1e-3, atol=1e-6)
-    else:
+    elif kind == "controlnet":
         controlnet = ministd.load_controlnet(out)
         for k, v in controlnet.state_dict().items():
             torch.testing.assert_close(v, trained[k], rtol=1e-3, atol=1e-6)
+    else:
+        import json
+
+        from ministd.unet import UNet
+
+        unet = UNet.load(out)
+        assert unet.config.in_channels == 5
+        for k, v in unet.state_dict().items():
+            torch.testing.assert_close(v, trained[k], rtol=1e-3, atol=1e-6)
+        config = json.loads(out.with_suffix(".json").read_text())
+        assert config["_scheduler"]["_class_name"] == "DDIMScheduler" and config["_ministd"]["trained_steps"] == 1
+        pipe.unet = unet
+        assert pipe.depth2img("a red circle", ShapesWorld(seed=1)[0][0], num_inference_steps=2).images[0].size == (64, 64)
 
 
 # --------------------------------------------------------------------------- the shipped files
@@ -266,6 +282,34 @@ def test_shipped_star_embeddings_add_one_token():
         assert pipe.load_textual_inversion(name) == [ta.STAR_TOKEN]
         ids = pipe.tokenizer.encode(f"a red {ta.STAR_TOKEN}")        # BOS a red <star> EOS
         assert len(ids) == 5 and ids[3] == before, ids
+
+
+def test_depth_examples_are_the_prepared_depth_of_each_picture():
+    from ministd.data import draw_depth
+    from ministd.depth import prepare_depth_map
+
+    pipe = ta.base_pipeline("cpu")
+    examples = ta.make_examples(pipe, "depth", 3, seed=7, captions_per_picture=2)
+    world = ShapesWorld(seed=7, objects=(1, 2))
+    pictures = [world.attributes(i) for i in range(3)]
+    want = prepare_depth_map(np.stack([draw_depth(attrs, 64, jitter) for attrs, jitter, _ in pictures]), (16, 16))
+    assert examples.controls.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(examples.controls, want, rtol=0, atol=0)
+
+
+def test_recoloured_scenes_keep_the_layout_and_change_every_colour():
+    from ministd.data import parse_caption
+
+    scenes = ta.depth_scenes(24)
+    world = ShapesWorld(seed=ta.EVAL_SEED + 11, objects=(1, 2))
+    for i, scene in enumerate(scenes):
+        attrs = world.attributes(i)[0]
+        said = parse_caption(scene["prompt"])
+        old = {attrs["background"], *(o["color"] for o in attrs["objects"])}
+        assert scene["color"] not in old and said["objects"][0]["color"] == scene["color"]
+        assert [o["shape"] for o in said["objects"]] == [o["shape"] for o in attrs["objects"]]
+        assert scene["mask"].any() and np.array_equal(scene["depth"], world.depth(i))
+    assert 6 <= sum(s["one_object"] for s in scenes) <= 18
 
 
 def test_a_shipped_name_whose_file_is_missing_says_so(monkeypatch, tmp_path):

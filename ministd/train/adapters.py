@@ -4,6 +4,7 @@
     python -m ministd.train.adapters lora --out /work/runs/outline_lora --targets all --rank 8
     python -m ministd.train.adapters hypernetwork --out /work/runs/outline_hn     # the same style, A1111's way
     python -m ministd.train.adapters controlnet --out /work/runs/edges            # edges -> pictures
+    python -m ministd.train.adapters depth --out /work/runs/depth                 # SD 2-depth's U-Net
     python -m ministd.train.adapters export --checkpoint /work/runs/outline_lora/last.pt   # into data/
     (data/README.md has the exact commands of the shipped files and what they printed)
     python -m ministd.train.adapters evaluate --json data/shapes_adapters_eval.json
@@ -30,7 +31,11 @@ schedule, epsilon prediction), on pictures it renders and encodes itself:
   encoder (:meth:`ministd.controlnet.ControlNetModel.from_unet`) learns from
   (picture, caption, :func:`ministd.data.edge_map` of the picture); half of
   the captions are replaced by "" so that the edges alone must say where
-  things are (the paper's sec. 3.3 does the same).
+  things are (the paper's sec. 3.3 does the same);
+- **the depth U-Net** (SD 2-depth): a copy of the whole U-Net with a fifth,
+  zero-initialised input channel (:func:`ministd.depth.depth_unet`) is
+  fine-tuned on (picture, caption, :func:`ministd.data.draw_depth` of the
+  scene, prepared as the pipeline prepares it: :func:`ministd.depth.prepare_depth_map`).
 
 Runs are resumable (``last.pt`` every ``--save-every`` steps; rerun the same
 command), deterministic given ``--seed`` (batch k draws from a generator
@@ -48,7 +53,10 @@ object mask; no classifier trained on stars is needed):
 - *outlined*: the object's hollowness, the share of background-coloured
   pixels inside its outer boundary (filled ~0, outlined ~0.5);
 - *edges obeyed*: the intersection over union of the drawn object's mask with
-  the mask of the ground-truth picture whose edges were given.
+  the mask of the ground-truth picture whose edges were given;
+- *depth obeyed*: the same IoU against the objects of the depth map given, for
+  prompts that recolour the scene (is the new colour drawn too?), with the base
+  model's txt2img and img2img as the comparison.
 """
 
 from __future__ import annotations
@@ -70,14 +78,15 @@ from ministd.train import diffusion_loss
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 STAR_TOKEN = "<star>"
-KINDS = ("textual-inversion", "lora", "hypernetwork", "controlnet")
+KINDS = ("textual-inversion", "lora", "hypernetwork", "controlnet", "depth")
 SHIPPED_FILES = {"textual-inversion": DATA / "shapes_star_embedding.safetensors",
                  "lora": DATA / "shapes_outline_lora.safetensors",
                  "hypernetwork": DATA / "shapes_outline_hypernetwork.safetensors",
-                 "controlnet": DATA / "shapes_edges_controlnet.safetensors"}
+                 "controlnet": DATA / "shapes_edges_controlnet.safetensors",
+                 "depth": DATA / "shapes_depth_unet.safetensors"}
 TUNED_STAR_FILE = DATA / "shapes_star_tuned_embedding.safetensors"     # + shapes_star_tuned_lora.safetensors
 TRAIN_SEEDS = {"textual-inversion": 3_000_017, "lora": 3_000_019, "hypernetwork": 3_000_019,
-               "controlnet": 3_000_023}
+               "controlnet": 3_000_023, "depth": 3_000_029}
 EVAL_SEED = 1_000_003          # the held-out world of ministd.train.unet (no model trained on it)
 STAR_SOLIDITY = 0.75          # ground truth: stars 0.55-0.67, circles, squares, triangles 0.85-1.0
 OUTLINED_HOLLOWNESS = 0.1     # ground truth: filled 0.0, outlined 0.99 above it (1- and 2-object scenes)
@@ -91,7 +100,8 @@ UNCOND_PROMPT = ""
 @dataclass
 class Examples:
     """Encoded training pictures: latent posterior mean / std [N, 4, h, w] (scaled), token ids
-    [N, k, 77] (k captions per picture), and for ControlNet the control images [N, 3, H, W] in [0, 1]."""
+    [N, k, 77] (k captions per picture), and for ControlNet the control images [N, 3, H, W] in [0, 1]
+    (uint8 0/1), for the depth U-Net its depth channel [N, 1, h, w] in [-1, 1]."""
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
@@ -109,26 +119,30 @@ def star_captions(attrs: dict, rng: random.Random, k: int) -> list[str]:
 def make_examples(pipe, kind: str, n: int, seed: int, captions_per_picture: int = 4,
                   batch_size: int = 64) -> Examples:
     """Render ``n`` pictures of ``ShapesWorld(seed)`` for ``kind``, encode them once with the VAE."""
-    from ministd.data import ShapesWorld, draw_scene, edge_map, pil_to_tensor
+    from ministd.data import ShapesWorld, draw_depth, draw_scene, edge_map, pil_to_tensor
+    from ministd.depth import prepare_depth_map
     from ministd.train.unet import training_captions
 
-    world = {"textual-inversion": ShapesWorld(seed=seed, shapes=("star",)),
-             "controlnet": ShapesWorld(seed=seed, objects=(1, 2))}.get(kind, ShapesWorld(seed=seed, objects=(1, 2)))
+    world = ShapesWorld(seed=seed, shapes=("star",)) if kind == "textual-inversion" else \
+        ShapesWorld(seed=seed, objects=(1, 2))
     style = "outlined" if kind in ("lora", "hypernetwork") else "filled"
     write = star_captions if kind == "textual-inversion" else training_captions
     means, stds, controls, captions = [], [], [], []
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            pictures = []
+            pictures, depths = [], []
             for i in range(start, min(n, start + batch_size)):
                 attrs, jitter, _ = world.attributes(i)
                 pictures.append(draw_scene(attrs, world.size, jitter, style=style))
+                depths.append(draw_depth(attrs, world.size, jitter))
                 captions += write(attrs, random.Random(f"adapter-captions:{seed}:{i}"), captions_per_picture)
             posterior = pipe.vae.encode(pil_to_tensor(pictures).to(pipe.device))
             means.append(pipe.vae.scale_latents(posterior.mean).cpu())
             stds.append((posterior.std * pipe.vae.scaling_factor).cpu())
             if kind == "controlnet":
                 controls.append(pil_to_tensor([edge_map(p) for p in pictures]).add(1).div(2).to(torch.uint8))
+            elif kind == "depth":
+                controls.append(prepare_depth_map(np.stack(depths), tuple(means[-1].shape[-2:])))
     ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True).input_ids
     return Examples(torch.cat(means), torch.cat(stds), ids.view(n, captions_per_picture, 77),
                     torch.cat(controls) if controls else None)
@@ -201,6 +215,11 @@ class Trainable:
                 self.controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths)
             self.controlnet.to(pipe.device).train()
             self.params = list(self.controlnet.parameters())
+        elif kind == "depth":                             # the whole U-Net learns, from the base's weights
+            from ministd.depth import depth_unet
+
+            self.unet = depth_unet(pipe.unet).train().requires_grad_(True)
+            self.params = list(self.unet.parameters())
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
@@ -213,6 +232,10 @@ class Trainable:
     def model(self, controls):
         """The callable the loss sees: (x_t, t, encoder_hidden_states) -> predicted noise."""
         unet = self.pipe.unet
+        if self.kind == "depth":
+            from ministd.depth import with_depth
+
+            return with_depth(self.unet, controls)
         if self.kind != "controlnet":
             return unet
 
@@ -241,8 +264,11 @@ class Trainable:
             return rows | {"lora." + k: v for k, v in lora.items()} if hasattr(self, "lora") else rows
         if self.kind == "lora":
             return lora
-        module = self.hypernetwork if self.kind == "hypernetwork" else self.controlnet
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self._module().state_dict().items()}
+
+    def _module(self) -> torch.nn.Module:
+        return {"hypernetwork": getattr(self, "hypernetwork", None), "controlnet": getattr(self, "controlnet", None),
+                "depth": getattr(self, "unet", None)}[self.kind]
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> None:
@@ -255,7 +281,7 @@ class Trainable:
                 layer.up.copy_(state[f"{prefix}{t}.up"])
         if self.kind in ("textual-inversion", "lora"):
             return
-        (self.hypernetwork if self.kind == "hypernetwork" else self.controlnet).load_state_dict(state)
+        self._module().load_state_dict(state)
 
 
 def base_pipeline(device: str | None = None):
@@ -377,8 +403,15 @@ def export(args) -> Path:
         adapters.save_lora(pipe, trainable.lora, out, dtype=dtype)
     elif kind == "hypernetwork":
         adapters.save_hypernetwork(trainable.hypernetwork, out, dtype=dtype)
-    else:                                            # the book's pair name.safetensors + name.json
+    elif kind == "controlnet":                       # the book's pair name.safetensors + name.json
         trainable.controlnet.save(out, dtype=dtype)
+    else:                                            # a whole U-Net, as the base model's pair
+        from ministd.train.unet import SHIPPED_SCHEDULER
+
+        trainable.unet.save(out, dtype=dtype, extra_config={
+            "_scheduler": SHIPPED_SCHEDULER,
+            "_ministd": {"trained_steps": state["step"], "training_minutes": round(state["elapsed"] / 60, 1),
+                         "training_args": state["args"], "fine_tuned_from": "shapes_unet"}})
     print(f"wrote {out} ({out.stat().st_size:,} bytes) from step {state['step']}")
     return out
 
@@ -587,6 +620,73 @@ def evaluate_controlnet(pipe, path: Path, n: int, steps: int, guidance_scale: fl
     return result
 
 
+def recoloured(attrs: dict, rng: random.Random) -> dict:
+    """The same scene (shapes, sizes, places) in new colours, none of them the old ones where
+    the palette allows: what a reader asks depth-to-image for ("keep the layout, change the rest")."""
+    from ministd.data import COLORS
+
+    old = {attrs["background"], *(o["color"] for o in attrs["objects"])}
+    colors = rng.sample([c for c in COLORS if c not in old], len(attrs["objects"]) + 1)
+    return {"background": colors[-1], "objects": [o | {"color": c} for o, c in zip(attrs["objects"], colors)]}
+
+
+def depth_scenes(n: int, seed: int = EVAL_SEED + 11) -> list[dict]:
+    """Held-out one- and two-object scenes: the picture, its depth map, a recolouring caption
+    (any form) and the recoloured ground truth with the objects' mask."""
+    from ministd.data import ShapesWorld, draw_depth, draw_scene, write_caption
+    from ministd.train.adherence import object_mask
+
+    world, out = ShapesWorld(seed=seed, objects=(1, 2)), []
+    for i in range(n):
+        attrs, jitter, _ = world.attributes(i)
+        rng = random.Random(f"depth-eval:{seed}:{i}")
+        new = recoloured(attrs, rng)
+        truth = draw_scene(new, world.size, jitter)
+        out.append({"picture": draw_scene(attrs, world.size, jitter), "depth": draw_depth(attrs, world.size, jitter),
+                    "prompt": write_caption(new, rng)[0], "color": new["objects"][0]["color"],
+                    "one_object": len(attrs["objects"]) == 1, "mask": object_mask(np.asarray(truth))})
+    return out
+
+
+def evaluate_depth(path: Path, n: int, steps: int, guidance_scale: float, strength: float = 0.8,
+                   batch: int = 32) -> dict:
+    """Do the drawn objects sit where the depth map puts them? IoU of the drawn objects' mask with the
+    depth map's objects, and whether the asked (new) colour was drawn (one-object scenes), for the
+    depth U-Net at the pipeline's default strength and at 1 (depth and prompt only), with the depth
+    read off the picture (:func:`ministd.depth.estimate_depth`), and for the base model's txt2img
+    (the caption's words only) and img2img at the same strength."""
+    from ministd.train.adherence import object_mask
+    from ministd.unet import UNet
+
+    scenes = depth_scenes(n)
+    base, depth_pipe = base_pipeline("cpu"), base_pipeline("cpu")
+    depth_pipe.unet = UNet.load(path).eval()
+    runs = {"base_txt2img": lambda s, g: base.txt2img([x["prompt"] for x in s], num_inference_steps=steps,
+                                                      guidance_scale=guidance_scale, generator=g),
+            f"base_img2img_{strength}": lambda s, g: base.img2img(
+                [x["prompt"] for x in s], [x["picture"] for x in s], strength=strength,
+                num_inference_steps=steps, guidance_scale=guidance_scale, generator=g)}
+    for label, kwargs in ((f"depth2img_{strength}", {"strength": strength}), ("depth2img_1.0", {"strength": 1.0}),
+                          (f"depth2img_{strength}_estimated_depth", {"strength": strength, "estimate": True})):
+        def run(s, g, kwargs=kwargs):
+            depth = None if kwargs.get("estimate") else np.stack([x["depth"] for x in s])
+            return depth_pipe.depth2img([x["prompt"] for x in s], [x["picture"] for x in s], depth_map=depth,
+                                        strength=kwargs["strength"], num_inference_steps=steps,
+                                        guidance_scale=guidance_scale, generator=g)
+        runs[label] = run
+    result = {"n": n, "steps": steps, "guidance_scale": guidance_scale,
+              "one_object_scenes": sum(x["one_object"] for x in scenes)}
+    for label, run in runs.items():
+        drawn = []
+        for k in range(0, n, batch):
+            drawn += _uint8(run(scenes[k:k + batch], torch.Generator().manual_seed(EVAL_SEED + k)).images)
+        ious = [iou(object_mask(d), x["mask"]) for d, x in zip(drawn, scenes)]
+        colors = [object_color(d) == x["color"] for d, x in zip(drawn, scenes) if x["one_object"]]
+        result[label] = {"mean_iou": float(np.mean(ious)), "share_iou_above_0.5": float(np.mean([v > 0.5 for v in ious])),
+                         "new_color": float(np.mean(colors))}
+    return result
+
+
 def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -600,8 +700,10 @@ def evaluate(args) -> dict:
             report["textual_inversion"] = evaluate_star(path, tuned, args.n, args.steps, args.guidance_scale)
         elif kind in ("lora", "hypernetwork"):
             report[kind] = evaluate_style(pipe, kind, path, args.n, args.steps, args.guidance_scale)
-        else:
+        elif kind == "controlnet":
             report["controlnet"] = evaluate_controlnet(pipe, path, args.n, args.steps, args.guidance_scale)
+        else:
+            report["depth"] = evaluate_depth(path, args.n, args.steps, args.guidance_scale)
         print(json.dumps({kind: report[kind.replace("-", "_")]}, indent=1), flush=True)
     report["seconds"] = round(time.time() - t0)
     if args.json:
@@ -619,6 +721,7 @@ DEFAULTS = {  # kind -> (steps, batch size, lr, pictures, caption dropout)
     "lora": (800, 32, 1e-3, 2000, 0.1),
     "hypernetwork": (800, 32, 1e-3, 2000, 0.1),
     "controlnet": (2500, 32, 2e-4, 5000, 0.5),
+    "depth": (3000, 32, 2e-4, 10000, 0.1),
 }
 
 
