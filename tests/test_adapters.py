@@ -12,7 +12,10 @@ so that "applied on the fly" can be compared with "merged by hand" tightly.
   named by hand; our layer for each key of a kohya file equals the one
   diffusers' own converter (``lora_state_dict`` + its PEFT renaming, no peft
   needed) finds, for every Linear/Conv2d of both pipelines; saving in the
-  kohya layout round-trips; bad files are refused with nothing applied.
+  kohya layout round-trips; bad files are refused with nothing applied;
+  and against diffusers' own loader with peft (``load_lora_weights`` +
+  ``fuse_lora(lora_scale=0.7)``, kohya and PEFT files, on a tiny diffusers SD
+  pipeline): the same U-Net prediction and text states (float32, atol 1e-5).
 - Textual inversion: every file format, multi-vector expansion in prompts and
   negative prompts, and diffusers' ``load_textual_inversion`` on a tiny
   diffusers SD pipeline: the same text states (float32, atol 1e-5, the
@@ -581,6 +584,59 @@ def test_textual_inversion_matches_diffusers(tmp_path):
         want, want_negative = ref.encode_prompt(prompt, "cpu", 1, True, negative)
     torch.testing.assert_close(ours.encode_prompt([prompt]), want, atol=PARITY_ATOL, rtol=PARITY_ATOL)
     torch.testing.assert_close(ours.encode_prompt([negative]), want_negative, atol=PARITY_ATOL, rtol=PARITY_ATOL)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_lora_matches_diffusers_load_lora_weights_and_fuse_lora(tmp_path, layout):
+    """diffusers' own loader (with peft, as readers run it): ``load_lora_weights`` then
+    ``fuse_lora(lora_scale=0.7)`` merges the LoRA into the weights; ministd applies it on the
+    fly at scale 0.7. Same U-Net prediction and text states (float32, atol 1e-5)."""
+    pytest.importorskip("peft")
+    import ministd
+
+    ref, folder = _diffusers_sd(tmp_path)
+    ours = ministd.load_pipeline(folder, optimize=False)
+    # what kohya's trainers and PEFT target: attention and feed-forward Linears, the U-Net's
+    # ResNet and (down/up) sampler convolutions, the text encoder's projections and MLPs
+    targets = [t for t in every_target(ours) if "time_emb" not in t and not t.startswith(("unet.conv_in",
+                                                                                          "unet.conv_out"))]
+    assert {"unet.down_blocks.0.resnets.0.conv1", "unet.down_blocks.0.downsamplers.0.conv",
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+            "text_encoder.encoder.layers.1.mlp.fc2"} <= set(targets)
+    lora = {t: tuple(x.float() if torch.is_tensor(x) else x for x in v)
+            for t, v in random_lora(ours, targets, rank=2, alpha=3.0, seed=4).items()}
+    if layout == "kohya":
+        state = {k: v.contiguous() for k, v in as_kohya(lora).items()}
+        save_file(state, str(tmp_path / "style.safetensors"))
+    else:
+        state = {}
+        for t, (down, up, _) in lora.items():
+            state |= {peft_name(t) + ".lora_A.weight": down.contiguous(),
+                      peft_name(t) + ".lora_B.weight": up.contiguous()}
+        config = {}                   # PEFT's LoraConfig per network, as diffusers writes it
+        for net in ("unet", "text_encoder"):
+            names = sorted({peft_name(t).split(".", 1)[1] if net == "unet" else t.rsplit(".", 1)[1]
+                            for t in lora if t.startswith(net + ".")})    # the text encoder's as diffusers writes them
+            config |= {f"{net}.{k}": v for k, v in {"r": 2, "lora_alpha": 3.0, "alpha_pattern": {},
+                                                     "rank_pattern": {}, "target_modules": names}.items()}
+        save_file(state, str(tmp_path / "style.safetensors"),
+                  metadata={"lora_adapter_metadata": json.dumps(config)})
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    prompts = ["a red circle", "a big blue box"]
+    with torch.no_grad():
+        before = ref.unet(x, t, ref.encode_prompt(prompts, "cpu", 1, False)[0]).sample
+        ref.load_lora_weights(str(tmp_path / "style.safetensors"))
+        ref.fuse_lora(lora_scale=0.7)
+        want_states = ref.encode_prompt(prompts, "cpu", 1, False)[0]
+        want = ref.unet(x, t, want_states).sample
+    ours.load_lora(tmp_path / "style.safetensors", scale=0.7)
+    got_states = ours.encode_prompt(prompts)
+    torch.testing.assert_close(got_states, want_states, atol=PARITY_ATOL, rtol=PARITY_ATOL)
+    with torch.no_grad():
+        got = ours.unet(x, t, got_states)
+    torch.testing.assert_close(got, want, atol=PARITY_ATOL, rtol=PARITY_ATOL)
+    assert float((want - before).abs().max()) > 100 * PARITY_ATOL      # the LoRA changed the prediction
 
 
 def test_bad_embeddings_are_refused_with_nothing_changed(tokenizers):
