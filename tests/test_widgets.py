@@ -253,3 +253,24 @@ def test_adapter_scale_app_redraws_with_the_lora_scale(pipe):
         assert picture.value != first and lora.scale == 0.0 and status.value == ""
     finally:
         pipe.unload_lora("test-scale")
+
+
+def test_depth2img_image_and_app_redraw():
+    import ministd
+    from ministd.depth import estimate_depth
+    from ministd.widgets import depth2img_app, depth2img_image, depth_picture
+
+    depth_pipe = ministd.load_pipeline("shapes-depth")
+    picture = ShapesWorld(seed=4)[0][0]
+    row = depth2img_image(depth_pipe, "a red circle", picture, 0.8, num_inference_steps=3, scale=1)
+    assert row.size == (3 * 64 + 16, 64)
+    shown_depth = np.asarray(row.crop((72, 0, 136, 64)))[..., 0]
+    assert np.array_equal(shown_depth, np.asarray(depth_picture(estimate_depth(picture)))[..., 0])
+    app = depth2img_app(depth_pipe, picture, prompt="a blue square")
+    text, (strength, cfg, seed), image, status = app.children[0], app.children[1].children, app.children[2], \
+        app.children[3]
+    first = image.value
+    strength.value = 1.0
+    assert image.value != first and status.value == ""
+    strength.value = 0.0                     # no step to run: the picture's VAE round trip, no error
+    assert image.value != first and status.value == ""

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from ministd.data import COLORS, SHAPES, ShapesWorld, pil_to_tensor
-from ministd.text import TinyCLIP, TinyCLIPConfig, clip_loss
+from ministd.text import CLIPTextConfig, TinyCLIP, TinyCLIPConfig, clip_loss
 from ministd.tokenizer import CLIPTokenizer
 from ministd.weights import save_model
 
@@ -103,18 +103,32 @@ class make_optimizer:
             opt.load_state_dict(s)
 
 
+def clip_config(width: int = 128) -> TinyCLIPConfig:
+    """The book's tiny CLIP at text width ``width`` (128: the shipped one; SDXL-type models pair it
+    with a wider second encoder, chapter 13): 4 layers, heads of 32 channels, MLP 4x wide."""
+    if width % 32 or width < 32:
+        raise ValueError(f"width must be a positive multiple of 32, got {width}")
+    if width == 128:
+        return TinyCLIPConfig()
+    text = CLIPTextConfig(hidden_size=width, num_layers=4, num_heads=width // 32, intermediate_size=4 * width,
+                          hidden_act="quick_gelu", max_position_embeddings=77, projection_dim=width)
+    return TinyCLIPConfig(text=text, embed_dim=width)
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
     torch.manual_seed(args.seed)
-    config = TinyCLIPConfig()
+    config = clip_config(args.width)
     model = TinyCLIP(config)
     optimizer = make_optimizer(model, args.lr)
     step = 0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"] != config.to_dict():
+            raise SystemExit(f"{ckpt_path} holds a CLIP of another shape; use another --out or the same --width")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -210,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=int, default=128, help="text width (128: the shipped CLIP)")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--save-every", type=int, default=100)
     e = sub.add_parser("evaluate", help="print held-out retrieval and zero-shot accuracy")
