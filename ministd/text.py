@@ -563,7 +563,8 @@ class TinyCLIP(nn.Module):
                 raise FileNotFoundError(f"{weights} must hold {SHAPES_CLIP_FILE.name} or exactly one .safetensors "
                                         f"file (with its .json beside it); found {[f.name for f in found]}")
             weights = found[0]
-        return load_model(weights, lambda fields: cls(TinyCLIPConfig.from_dict(fields)), dtype=dtype)
+        return load_model(weights, lambda fields: cls(TinyCLIPConfig.from_dict(fields)), dtype=dtype,
+                          transform=lambda tensors, fields: unpack_token_table(tensors, fields["text"]["vocab_size"]))
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> [B, E] unit vectors."""
@@ -577,6 +578,32 @@ class TinyCLIP(nn.Module):
         """Similarity logits [B_images, B_texts] = exp(logit_scale) * cos."""
         scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP caps the scale at 100
         return scale * self.encode_image(images) @ self.encode_text(input_ids).T
+
+
+TOKEN_TABLE = "text_encoder.embeddings.token_embedding.weight"
+TOKEN_ROWS, TOKEN_IDS = TOKEN_TABLE.removesuffix("weight") + "rows", TOKEN_TABLE.removesuffix("weight") + "ids"
+
+
+def pack_token_table(state: Mapping[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A TinyCLIP state dict with its token table [V, D] replaced by the rows ``ids`` [K] (int64)
+    and those rows [K, D]: ShapesWorld trains a few dozen of CLIP's 49,408 rows, the rest stay at
+    their random start and no caption reads them (DESIGN.md's budget allows storing only these)."""
+    ids = torch.as_tensor(ids, dtype=torch.int64).unique(sorted=True)
+    rest = {k: v for k, v in state.items() if k != TOKEN_TABLE}
+    return rest | {TOKEN_ROWS: state[TOKEN_TABLE][ids].clone(), TOKEN_IDS: ids}
+
+
+def unpack_token_table(tensors: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack_token_table` at load: the full table [vocab_size, D], the stored
+    rows in place and zeros elsewhere. A file with the whole table passes unchanged."""
+    if TOKEN_IDS not in tensors:
+        return tensors
+    rows, ids = tensors.pop(TOKEN_ROWS), tensors.pop(TOKEN_IDS).long()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{TOKEN_IDS} holds ids outside 0..{vocab_size - 1}")
+    table = torch.zeros(vocab_size, rows.shape[1], dtype=rows.dtype)
+    table[ids] = rows
+    return tensors | {TOKEN_TABLE: table}
 
 
 def clip_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -347,26 +347,32 @@ def read_weights(folder: str | Path, stem: str, dtype: torch.dtype | None = None
 
 def save_model(module: torch.nn.Module, path: str | Path, config: Mapping[str, Any],
                dtype: torch.dtype | None = torch.float16, extra_config: Mapping[str, Any] | None = None,
-               metadata: dict[str, str] | None = None) -> None:
+               metadata: dict[str, str] | None = None,
+               state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``path`` (weights, float16 by default) and ``path`` with ``.json`` (the config).
 
     Keys of ``extra_config`` start with "_" by convention (training notes such as the
     step or the data); they are kept in the JSON and ignored by the loaders.
+    ``state_dict``: the tensors to write, when not ``module.state_dict()`` as it is
+    (e.g. a token table stored as its trained rows, :func:`ministd.text.pack_token_table`).
     """
     path = Path(path)
-    write_safetensors(path, module.state_dict(), dtype=dtype, metadata=metadata)
+    write_safetensors(path, module.state_dict() if state_dict is None else state_dict, dtype=dtype,
+                      metadata=metadata)
     text = json.dumps({**config, **(extra_config or {})}, indent=2) + "\n"
     path.with_suffix(".json").write_text(text, encoding="utf-8")
 
 
 def load_model(path: str | Path, build: Callable[[dict], torch.nn.Module], dtype: torch.dtype = torch.float32,
-               config: str | Path | None = None, ignore_unexpected: Iterable[str] = ()) -> torch.nn.Module:
+               config: str | Path | None = None, ignore_unexpected: Iterable[str] = (),
+               transform: Callable[[dict, dict], dict] | None = None) -> torch.nn.Module:
     """Load a pair written by :func:`save_model`, in ``dtype`` and eval mode.
 
     ``build(config_dict)`` makes the network from the JSON config (keys starting
     with "_" removed); it is built on the meta device and takes the file's
     tensors, read once in ``dtype``. ``config`` names the JSON file when it is
-    not next to the weights.
+    not next to the weights. ``transform(tensors, config_dict)`` may rewrite the
+    tensors before the strict load (e.g. expand a token table stored as its rows).
     """
     path = Path(path)
     _check_suffix(path)
@@ -374,5 +380,8 @@ def load_model(path: str | Path, build: Callable[[dict], torch.nn.Module], dtype
     fields = {k: v for k, v in read_json(config if config is not None else path.with_suffix(".json")).items()
               if not k.startswith("_")}
     model = build_on_meta(lambda: build(fields))
-    load_strict(model, read_safetensors(path, dtype=dtype), source=str(path), ignore_unexpected=ignore_unexpected)
+    tensors = read_safetensors(path, dtype=dtype)
+    if transform is not None:
+        tensors = transform(tensors, fields)
+    load_strict(model, tensors, source=str(path), ignore_unexpected=ignore_unexpected)
     return model.eval()

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from ministd.data import COLORS, SHAPES, ShapesWorld, pil_to_tensor
-from ministd.text import CLIPTextConfig, TinyCLIP, TinyCLIPConfig, clip_loss
+from ministd.text import CLIPTextConfig, TinyCLIP, TinyCLIPConfig, clip_loss, pack_token_table
 from ministd.tokenizer import CLIPTokenizer
 from ministd.weights import save_model
 
@@ -208,6 +208,13 @@ def evaluate(model: TinyCLIP, tokenizer: CLIPTokenizer, n: int = 1000, seed: int
             "n": n, "retrieval_pool": retrieval_pool}
 
 
+def trained_token_ids(state: dict) -> torch.Tensor:
+    """Ids of the token-table rows a checkpoint's training touched: those with second-moment
+    state in its SparseAdam (rows no batch contained never got a gradient, so keep their start)."""
+    (table_state,) = state["optimizer"]["optimizers"][1]["state"].values()
+    return (table_state["exp_avg_sq"] != 0).any(dim=1).nonzero().flatten()
+
+
 def load_checkpoint(path: str | Path) -> TinyCLIP:
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = TinyCLIP(TinyCLIPConfig.from_dict(state["config"]))
@@ -236,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     x = sub.add_parser("export", help="write float16 safetensors + JSON config")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", default="data/shapes_clip.safetensors")
+    x.add_argument("--trained-rows", action="store_true",
+                   help="store only the token-table rows training touched (and their ids)")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -257,12 +266,18 @@ def main(argv: list[str] | None = None) -> None:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         training = {"step": state["step"], **{k: v for k, v in state["args"].items()
                                               if k in ("batch_size", "lr", "seed", "steps")}}
-        save_model(model, out, model.config.to_dict(), extra_config={"training": training},
-                   metadata={"format": "pt", "model": "ministd TinyCLIP (ShapesWorld)"})
+        tensors, notes = None, {}
+        if args.trained_rows:
+            ids = trained_token_ids(state)
+            tensors = pack_token_table(model.state_dict(), ids)
+            notes = {"_token_table": f"only the {len(ids)} rows training touched are stored (with their ids); "
+                                     f"the other {model.config.text.vocab_size - len(ids):,} load as zeros"}
+        save_model(model, out, model.config.to_dict(), extra_config={"training": training, **notes},
+                   metadata={"format": "pt", "model": "ministd TinyCLIP (ShapesWorld)"}, state_dict=tensors)
         # the numbers the book quotes, measured on the float16 weights as shipped
         shipped = TinyCLIP.from_pretrained(out)
         metrics = evaluate(shipped, CLIPTokenizer.from_vocab_file())
-        config = {**model.config.to_dict(), "training": training,
+        config = {**model.config.to_dict(), "training": training, **notes,
                   "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
         out.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
