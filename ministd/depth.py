@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ministd.data import NEAREST_EXTENT
+from ministd.inpaint import to_batch
 from ministd.pipelines import (OUTPUT_TYPES, PipelineOutput, StableDiffusionPipeline, _check_seed, _prompt_list,
                                _seeded_generator)
 from ministd.samplers import Sampler
@@ -155,14 +156,6 @@ def _check_call(pipe, strength, output_type, seed) -> None:
     _check_seed(seed)
 
 
-def _batch(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if x.shape[0] == batch:
-        return x
-    if x.shape[0] != 1:
-        raise ValueError(f"{name} holds {x.shape[0]} pictures for {batch} prompts (give 1 or {batch})")
-    return x.expand(batch, *x.shape[1:])
-
-
 def with_depth(unet: UNet, depth: torch.Tensor) -> Callable:
     """The U-Net as the sampler calls it, the depth channel [B, 1, h, w] attached to every input
     (repeated over the [uncond, cond] halves when guidance doubles the batch)."""
@@ -196,13 +189,13 @@ def depth2img(pipe: StableDiffusionPipeline, prompt: str | Sequence[str], image,
         pictures = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         depth_map = np.stack([estimate_depth(p) for p in pictures])
     f = pipe.vae.downsampling_factor
-    depth = _batch(prepare_depth_map(depth_map, (height // f, width // f)), len(prompts), "depth_map")
+    depth = to_batch(prepare_depth_map(depth_map, (height // f, width // f)), len(prompts), "depth_map")
     depth = depth.to(pipe.device, pipe.unet.dtype)
     sampler = pipe._sampler(sampler)
     sampler.set_timesteps(num_inference_steps, strength=strength)
     cond, uncond = pipe._conditions(prompts, negative_prompt, 1, guidance_scale)
     generator = generator or _seeded_generator(seed)
-    init = _batch(pipe.encode_image(pixels, generator), len(prompts), "image")
+    init = to_batch(pipe.encode_image(pixels, generator), len(prompts), "image")
     if len(sampler.timesteps) == 0 or int(num_inference_steps * strength) == 0:
         warnings.warn(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
                       "step to run: returning the image's round trip through the VAE", stacklevel=2)

@@ -258,7 +258,7 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
 
     image_latents = None
     if not nine or strength < 1:
-        image_latents = _to_batch(pipe.encode_image(pixels, generator), batch, "image")
+        image_latents = to_batch(pipe.encode_image(pixels, generator), batch, "image")
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(pipe.device, pipe.unet.dtype)
     if strength == 1:  # pure noise, as txt2img: the picture under the mask is not used at all
         latents = noise * sampler.init_noise_sigma
@@ -266,12 +266,12 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
         latents = sampler.add_noise(image_latents, noise, timesteps[:1])
     masked = pixels * (mask < 0.5)  # masked pixels set to 0 (grey)
     if nine:
-        masked_latents = _to_batch(pipe.encode_image(masked, generator), batch, "image")
+        masked_latents = to_batch(pipe.encode_image(masked, generator), batch, "image")
     else:  # the reference encodes the masked picture here too and never uses it: draw the same numbers
         torch.randn((masked.shape[0], shape[1], *size), generator=generator, device=generator.device,
                     dtype=pipe.vae.dtype)
     small = latent_mask(mask, size) if blend_mask is None else F.interpolate(blend_mask, size=size, mode="area")
-    small = _to_batch(small.to(pipe.device, pipe.unet.dtype), batch, "mask_image")
+    small = to_batch(small.to(pipe.device, pipe.unet.dtype), batch, "mask_image")
 
     with torch.inference_mode():
         for i, t in enumerate(tqdm(timesteps, disable=not pipe.progress_bar, desc="inpainting", leave=False)):
@@ -288,7 +288,7 @@ def inpaint_latents(pipe: StableDiffusionPipeline, pixels: torch.Tensor, mask: t
     return latents
 
 
-def _to_batch(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def to_batch(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     """Repeat a batch of 1 to ``batch``; a batch of ``batch`` passes."""
     if x.shape[0] == batch:
         return x
@@ -397,7 +397,7 @@ def _no_step(pipe, pixels, run) -> torch.Tensor:
     warnings.warn(f"strength={run['strength']} with num_inference_steps={run['num_inference_steps']} leaves no "
                   "denoising step to run: returning the input's round trip through the VAE", stacklevel=5)
     batch = len(_prompt_list(run["prompt"], "prompt"))
-    return _to_batch(pipe.encode_image(pixels, run["generator"]), batch, "image")
+    return to_batch(pipe.encode_image(pixels, run["generator"]), batch, "image")
 
 
 def paste_unmasked(pictures: torch.Tensor, originals: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

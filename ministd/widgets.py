@@ -131,17 +131,24 @@ def img2img_image(pipe, prompt: str, image: Image.Image, strength: float = 0.6,
     return pair
 
 
+def _strength_controls(prompt: str, strength: float):
+    """The widgets of a picture-to-picture app: prompt box, strength, CFG and seed sliders, picture."""
+    import ipywidgets as w
+
+    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
+    slider = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength",
+                           continuous_update=False)
+    cfg = w.FloatSlider(value=7.5, min=0.0, max=20.0, step=0.5, description="CFG scale", continuous_update=False)
+    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
+    return text, slider, cfg, seed, w.Image(format="png")
+
+
 def img2img_app(pipe, image: Image.Image, prompt: str = "a large blue square in the center"):
     """A denoising-strength slider (and CFG, seed) over :func:`img2img_image`."""
     import ipywidgets as w
 
     pipe.progress_bar = False
-    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
-    strength = w.FloatSlider(value=0.6, min=0.0, max=1.0, step=0.05, description="strength",
-                             continuous_update=False)
-    cfg = w.FloatSlider(value=7.5, min=0.0, max=20.0, step=0.5, description="CFG scale", continuous_update=False)
-    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
-    picture = w.Image(format="png")
+    text, strength, cfg, seed, picture = _strength_controls(prompt, 0.6)
 
     def redraw(_=None):
         picture.value = _png(img2img_image(pipe, text.value, image, strength.value, cfg.value, seed=seed.value))
@@ -560,12 +567,7 @@ def depth2img_app(pipe, image: Image.Image, prompt: str = "a large green triangl
     import ipywidgets as w
 
     pipe.progress_bar = False
-    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
-    strength = w.FloatSlider(value=0.8, min=0.0, max=1.0, step=0.05, description="strength",
-                             continuous_update=False)
-    cfg = w.FloatSlider(value=7.5, min=0.0, max=20.0, step=0.5, description="CFG scale", continuous_update=False)
-    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
-    picture = w.Image(format="png")
+    text, strength, cfg, seed, picture = _strength_controls(prompt, 0.8)
     status = w.HTML()
 
     def redraw(_=None):
