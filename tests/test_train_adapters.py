@@ -187,6 +187,11 @@ def test_fresh_adapters_start_as_the_base_model(tmp_path):
                                    rtol=0, atol=0)
 
 
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match=r"kind must be one of .*'depth'.*got 'dreambooth'"):
+        ta.Trainable(ta.base_pipeline("cpu"), "dreambooth", _args("lora", "unused"))
+
+
 @pytest.mark.parametrize("kind", ta.KINDS)
 def test_export_writes_a_file_the_loaders_read(kind, tmp_path):
     import ministd
