@@ -213,6 +213,7 @@ def test_depth2img_reads_the_depth_off_the_picture_when_none_is_given(tiny):
     (dict(depth_map=torch.full((16, 16), float("nan"))), "NaN"),
     (dict(depth_map=torch.rand(3, 16, 16)), r"depth_map holds 3 pictures for 2 prompts"),
     (dict(depth_map="near"), "depth_map must be"),
+    (dict(depth_map=torch.rand(1, 16)), r"depth_map must be at least 2x2"),
     (dict(image=torch.rand(3, 3, 16, 16)), r"image holds 3 pictures for 2 prompts"),
     (dict(image=torch.rand(1, 3, 15, 16)), "height"),
 ])

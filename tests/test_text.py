@@ -394,6 +394,12 @@ def test_trained_token_ids_are_the_rows_the_batches_used(tmp_path):
     rest = torch.ones(len(table), dtype=torch.bool)
     rest[sorted(used)] = False
     assert torch.equal(table[rest], start[rest]) and not torch.equal(table[~rest], start[~rest])
+    # a run resumed with another width is refused, not silently mixed
+    with pytest.raises(SystemExit, match="another shape"):
+        main(["train", "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--width", "96",
+              "--threads", "1"])
+    with pytest.raises(ValueError, match="width must be a positive multiple of 32, got 100"):
+        clip_config(100)
 
 
 def test_shipped_wide_clip_meets_the_bar_and_stores_every_row_captions_use():
