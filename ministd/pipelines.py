@@ -46,7 +46,11 @@ from ministd.weights import read_json
 DATA = Path(__file__).resolve().parent.parent / "data"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # the book's own models (name -> its U-Net's file stem in data/; tokenizer, CLIP and VAE are shared)
-SHAPES_UNETS = {"shapes": "shapes_unet", "shapes-depth": "shapes_depth_unet"}
+SHAPES_UNETS = {"shapes": "shapes_unet", "shapes-depth": "shapes_depth_unet",
+                "shapes-xl": "shapes_xl_unet", "shapes-xl-refiner": "shapes_xl_refiner_unet"}
+# the SDXL-type ones (chapters 13-14): which of the book's text encoders each reads, in order
+SHAPES_XL_ENCODERS = {"shapes_xl_unet": ("shapes_clip", "shapes_clip_wide"),
+                      "shapes_xl_refiner_unet": ("shapes_clip_wide",)}
 
 
 @dataclass
@@ -1099,8 +1103,8 @@ def load_pipeline(name_or_path: str | Path = "shapes", dtype: torch.dtype = torc
                   prediction_type: str | None = None, vae: str | Path | None = None,
                   config: str | Path | dict | None = None, use_ema: bool = False,
                   allow_pickle: bool = False) -> StableDiffusionPipeline:
-    """A shipped ShapesWorld model ("shapes"; "shapes-depth", chapter 16), a diffusers folder,
-    or a single file.
+    """A shipped ShapesWorld model ("shapes"; "shapes-xl" and "shapes-xl-refiner", chapters
+    13-14; "shapes-depth", chapter 16), a diffusers folder, or a single file.
 
     Nothing is downloaded: paths are local. ``prediction_type``, ``vae``, ``config``,
     ``use_ema`` (load a file's EMA copy of the U-Net) and ``allow_pickle`` are
@@ -1147,8 +1151,19 @@ def load_shapes_pipeline(dtype: torch.dtype = torch.float32, unet: str = "shapes
     from ministd.text import TinyCLIP
     from ministd.vae import load_shapes_vae
 
-    clip = TinyCLIP.from_pretrained(DATA / "shapes_clip.safetensors", dtype=dtype)
     model = UNet.load(DATA / f"{unet}.safetensors", config_path, dtype=dtype)
     scheduler = from_scheduler_config(config["_scheduler"]) if "_scheduler" in config else make_sampler("ddim")
+    if unet in SHAPES_XL_ENCODERS:
+        # SDXL-type (chapter 13): both tiny CLIPs (the refiner: the wide one only), zeros for an
+        # unconditional branch without a negative prompt, as its training's caption dropout
+        encoders = [TinyCLIP.from_pretrained(DATA / f"{name}.safetensors", dtype=dtype).text_encoder
+                    for name in SHAPES_XL_ENCODERS[unet]]
+        first = encoders[0] if len(encoders) == 2 else None
+        return StableDiffusionXLPipeline(
+            tokenizer=CLIPTokenizer.from_vocab_file() if first is not None else None, text_encoder=first,
+            tokenizer_2=CLIPTokenizer.from_vocab_file(), text_encoder_2=encoders[-1], unet=model,
+            vae=load_shapes_vae(dtype), scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            requires_aesthetics_score=first is None)
+    clip = TinyCLIP.from_pretrained(DATA / "shapes_clip.safetensors", dtype=dtype)
     return StableDiffusionPipeline(tokenizer=CLIPTokenizer.from_vocab_file(), text_encoder=clip.text_encoder,
                                    unet=model, vae=load_shapes_vae(dtype), scheduler=scheduler)

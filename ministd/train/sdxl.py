@@ -1,0 +1,645 @@
+"""Training and measuring the book's SDXL-type models on ShapesWorld (chapters 13-14).
+
+    python -m ministd.train.sdxl prepare --kind base --out /work/runs/xl/cache.pt
+    python -m ministd.train.sdxl train --kind base --cache /work/runs/xl/cache.pt --out /work/runs/xl
+    python -m ministd.train.sdxl prepare --kind refiner --out /work/runs/xlr/cache.pt
+    python -m ministd.train.sdxl train --kind refiner --cache /work/runs/xlr/cache.pt --out /work/runs/xlr
+    python -m ministd.train.sdxl export --checkpoint /work/runs/xl/last.pt --out data/shapes_xl_unet.safetensors
+    python -m ministd.train.sdxl effects --json data/shapes_xl_effects.json
+
+What SDXL (Podell et al. 2023) adds to Stable Diffusion, each reproduced small:
+
+- **Two text encoders** (sec. 2.1): the chapter-07 CLIP (width 128) and a wider
+  one trained the same way (``data/shapes_clip_wide``, width 192); each one's
+  penultimate hidden states, without the final LayerNorm, are concatenated
+  ([B, 77, 320]) for cross-attention, and the wide one's pooled, projected
+  vector [B, 192] joins the timestep embedding.
+- **Micro-conditioning** (sec. 2.2): the six numbers original_size (h, w),
+  crops_coords_top_left (top, left), target_size (h, w) of each training
+  picture (:func:`ministd.data.sdxl_sample`), each turned into Fourier features
+  of width ``ADDITION_TIME_EMBED_DIM`` and added, with the pooled text, to the
+  timestep embedding.
+- **Aspect buckets** (sec. 2.3): pictures of 64x64, 48x80 and 80x48; a batch
+  holds one bucket.
+- **The refiner** (sec. 2.5): a U-Net trained only on the low-noise end of the
+  schedule (t < ``REFINER_MAX_T``, SDXL's first 200 of 1000 noise levels), on
+  the wide encoder alone, with an aesthetic score in place of target_size. Our
+  score is :func:`quality_score`, computed from the pixels; the refiner's
+  pictures span a range of it (clean renders and renders degraded by blur,
+  noise and off-palette speckles, :func:`degrade`).
+
+Both U-Nets start from the shipped text-to-image U-Net (``data/shapes_unet``,
+chapter 08) rather than from scratch, to fit the CPU budget: every weight of
+the same shape is copied; the cross-attention keys and values, which now read
+320 (base) or 192 (refiner) channels, keep the old weights on the first 128
+input channels (base) or start fresh (refiner); the added embedding's last
+layer starts at zero, so training begins from the old model exactly (see
+:func:`warm_start`). Caption dropout (10%) gives zero text states and a zero
+pooled vector, as SDXL's base is used (``force_zeros_for_empty_prompt``).
+Training runs unchanged on a CUDA GPU where there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from ministd.schedules import NoiseSchedule
+from ministd.train import diffusion_loss
+from ministd.train.unet import (has_held_out_triple, learning_rate, save_atomically,
+                                training_captions, update_ema)
+from ministd.unet import UNet, UNetConfig, shapes_tiny
+
+KINDS = ("base", "refiner")
+DATA = Path(__file__).resolve().parents[2] / "data"
+CLIP_FILES = {"clip": DATA / "shapes_clip.safetensors", "clip_wide": DATA / "shapes_clip_wide.safetensors"}
+ENCODERS = {"base": ("clip", "clip_wide"), "refiner": ("clip_wide",)}
+TIME_IDS = {"base": 6, "refiner": 5}          # (h, w, top, left, h, w) / (h, w, top, left, score)
+ADDITION_TIME_EMBED_DIM = 64                  # SDXL: 256 for ids up to ~1024 pixels; ours reach 128
+REFINER_MAX_T = 200                           # SDXL's refiner: the first 200 of 1000 noise levels
+WORLD_SEEDS = {"base": 3_000_031, "refiner": 3_000_037}
+CONTEXT_LENGTH = 77
+
+
+# --------------------------------------------------------------------------- #
+# The quality score of chapter 14 and the degradations it ranks
+# --------------------------------------------------------------------------- #
+
+QUALITY_DISTANCE = 60.0     # RGB distance at which a pixel stops counting as a palette colour
+QUALITY_SCALE = 6.0         # a picture all of palette colours scores 6 (see quality_score)
+
+
+def quality_score(picture) -> float:
+    """How clean a ShapesWorld picture is, from its pixels alone: a number in [0, 6].
+
+    Each pixel counts 1 - d / 60, floored at 0, where d is its RGB distance to the
+    nearest palette colour (:data:`ministd.data.PALETTE`); the score is 6 times the
+    mean. Blur, noise and off-palette speckles all move pixels off the palette;
+    anti-aliased edges blend two colours, so clean renders score 5.5-6 (their
+    median about 5.9), not quite 6. The scale puts clean pictures where the
+    SDXL refiner's defaults put good ones (diffusers' ``aesthetic_score=6.0``,
+    ``negative_aesthetic_score=2.5``): the default asks for a clean picture.
+
+    picture: PIL image or uint8 array [H, W, 3].
+    """
+    from ministd.train.adherence import palette_distances
+
+    pixels = np.asarray(picture.convert("RGB") if isinstance(picture, Image.Image) else picture)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"picture must be an RGB image [H, W, 3], got shape {pixels.shape}")
+    nearest = palette_distances(pixels).min(-1)
+    return float(QUALITY_SCALE * np.clip(1 - nearest / QUALITY_DISTANCE, 0, 1).mean())
+
+
+def degrade(picture: Image.Image, rng: random.Random) -> Image.Image:
+    """A picture made worse at random: each of blur (radius 0.5-1.5), Gaussian noise
+    (sigma 4-30 per channel) and off-palette speckles (0.5-6% of pixels set to random
+    colours) applied with probability 1/2, at least one of them."""
+    kinds = [k for k in ("blur", "noise", "speckles") if rng.random() < 0.5] or [rng.choice(["blur", "noise", "speckles"])]
+    if "blur" in kinds:
+        picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    array = np.asarray(picture.convert("RGB")).astype(np.float64)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    if "noise" in kinds:
+        array = array + nrng.normal(0, rng.uniform(4, 30), array.shape)
+    if "speckles" in kinds:
+        spots = nrng.random(array.shape[:2]) < rng.uniform(0.005, 0.06)
+        array[spots] = nrng.integers(0, 256, (int(spots.sum()), 3))
+    return Image.fromarray(array.clip(0, 255).round().astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- #
+# The models
+# --------------------------------------------------------------------------- #
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def load_encoders(kind: str) -> list:
+    """The frozen text towers a kind reads: base (128-wide CLIP, 192-wide CLIP), refiner (192-wide)."""
+    from ministd.text import TinyCLIP
+
+    return [TinyCLIP.from_pretrained(CLIP_FILES[name]).text_encoder.eval().requires_grad_(False)
+            for name in ENCODERS[_check_kind(kind)]]
+
+
+def xl_config(kind: str) -> UNetConfig:
+    """shapes_tiny with SDXL's added embedding: cross-attention over the encoders' states side by
+    side (128 + 192 = 320 base, 192 refiner); added input = pooled text (192) + 64 x time ids."""
+    widths = {"clip": 128, "clip_wide": 192}
+    config = shapes_tiny(cross_attention_dim=sum(widths[e] for e in ENCODERS[_check_kind(kind)]))
+    config.addition_time_embed_dim = ADDITION_TIME_EMBED_DIM
+    config.projection_class_embeddings_input_dim = widths["clip_wide"] + TIME_IDS[kind] * ADDITION_TIME_EMBED_DIM
+    return UNetConfig.from_dict(config.to_dict())
+
+
+@torch.no_grad()
+def warm_start(unet: UNet, source: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Copy the shipped U-Net's weights into an SDXL-type one (see the module docstring).
+
+    Same-shaped tensors are copied; cross-attention ``to_k`` / ``to_v`` [C, 320] take the
+    old [C, 128] on their first 128 input channels and zeros on the rest when the first
+    encoder is the old one (base; the refiner's stay as initialised); the added embedding's
+    last layer is zeroed, so the new inputs start with no effect. Returns counts.
+    """
+    state = unet.state_dict()
+    counts = {"copied": 0, "widened": 0, "fresh": 0}
+    for key, value in state.items():
+        old = source.get(key)
+        if old is not None and old.shape == value.shape:
+            value.copy_(old)
+            counts["copied"] += 1
+        elif (old is not None and old.dim() == 2 and value.shape[0] == old.shape[0]
+              and value.shape[1] == 320 and old.shape[1] == 128):
+            value.zero_()
+            value[:, :128] = old
+            counts["widened"] += 1
+        else:
+            counts["fresh"] += 1
+    unet.add_embedding.linear_2.weight.zero_()
+    unet.add_embedding.linear_2.bias.zero_()
+    return counts
+
+
+def text_conditions(encoders: list, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, 77] -> (states [B, 77, sum of widths], pooled [B, 192]) as the SDXL
+    pipeline computes them: penultimate layers without the final LayerNorm, side by side;
+    the last encoder's projected EOS vector."""
+    states, pooled = [], None
+    for encoder in encoders:
+        out = encoder(input_ids, clip_skip=1, final_layer_norm=False)
+        states.append(out.last_hidden_state)
+        pooled = out.pooled
+    return torch.cat(states, dim=-1), pooled
+
+
+# --------------------------------------------------------------------------- #
+# The latent cache: one group per aspect bucket
+# --------------------------------------------------------------------------- #
+
+def prepare(args) -> None:
+    """Draw ``--n`` SDXL samples (:func:`ministd.data.sdxl_sample`, random buckets), encode them
+    with the frozen VAE bucket by bucket, tokenize 2 captions of random forms per picture and
+    record their time ids. The refiner's pictures are degraded (:func:`degrade`) with
+    probability ``--degrade-prob`` and scored (:func:`quality_score`) after that."""
+    from tqdm import tqdm
+
+    from ministd.data import ShapesWorld, pil_to_tensor, sdxl_sample
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.vae import AutoencoderKL
+
+    torch.set_num_threads(args.threads)
+    vae = AutoencoderKL.load(args.vae).eval()
+    tokenizer = CLIPTokenizer.from_vocab_file()
+    seed = WORLD_SEEDS[args.kind] if args.seed is None else args.seed
+    world = ShapesWorld(seed=seed, objects=(1, 2))
+    groups: dict[str, dict[str, list]] = {}
+    kept = 0
+    index = 0
+    bar = tqdm(total=args.n, desc="draw", mininterval=10)
+    while kept < args.n:
+        attrs = world.attributes(index)[0]
+        if has_held_out_triple(attrs):
+            index += 1
+            continue
+        sample = sdxl_sample(world, index)
+        picture = sample.image
+        rng = random.Random(f"sdxl-{args.kind}:{seed}:{index}")
+        if args.kind == "refiner" and rng.random() < args.degrade_prob:
+            picture = degrade(picture, rng)
+        last = [quality_score(picture)] if args.kind == "refiner" else list(sample.target_size)
+        group = groups.setdefault("x".join(map(str, sample.target_size)),
+                                  {"pixels": [], "captions": [], "time_ids": []})
+        group["pixels"].append(pil_to_tensor(picture))
+        group["captions"].append(training_captions(attrs, rng, args.captions))
+        group["time_ids"].append([*sample.original_size, *sample.crops_coords_top_left, *last])
+        kept += 1
+        index += 1
+        bar.update(1)
+    bar.close()
+    buckets = {}
+    with torch.no_grad():
+        for name, group in groups.items():
+            means, stds = [], []
+            pixels = torch.stack(group["pixels"])
+            for start in tqdm(range(0, len(pixels), args.batch_size), desc=f"encode {name}", mininterval=10):
+                posterior = vae.encode(pixels[start:start + args.batch_size])
+                means.append(vae.scale_latents(posterior.mean).half())
+                stds.append((posterior.std * vae.scaling_factor).half())
+            flat = [c for per_picture in group["captions"] for c in per_picture]
+            ids = tokenizer(flat, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True).input_ids
+            buckets[name] = {"latent_mean": torch.cat(means), "latent_std": torch.cat(stds),
+                             "input_ids": ids.to(torch.int32).view(len(pixels), args.captions, CONTEXT_LENGTH),
+                             "time_ids": torch.tensor(group["time_ids"], dtype=torch.float32),
+                             "captions": group["captions"]}
+    cache = {"buckets": buckets, "meta": {"kind": args.kind, "world_seed": seed, "n": args.n,
+                                          "vae": str(args.vae), "degrade_prob": args.degrade_prob}}
+    save_atomically(cache, Path(args.out))
+    sizes = {k: v["latent_mean"].shape[0] for k, v in buckets.items()}
+    print(f"wrote {args.out}: {args.kind} cache, {args.n} pictures by bucket {sizes}")
+    if args.kind == "refiner":
+        scores = torch.cat([b["time_ids"][:, -1] for b in buckets.values()])
+        print(f"quality scores: min {scores.min():.2f}, median {scores.median():.2f}, max {scores.max():.2f}")
+
+
+def check_cache(cache: dict, kind: str) -> None:
+    if "buckets" not in cache or cache.get("meta", {}).get("kind") != kind:
+        raise ValueError(f"not a {kind} cache of `python -m ministd.train.sdxl prepare --kind {kind}`")
+    for name, b in cache["buckets"].items():
+        n = b["latent_mean"].shape[0]
+        if b["time_ids"].shape != (n, TIME_IDS[kind]) or b["input_ids"].shape[0] != n:
+            raise ValueError(f"cache bucket {name}: latents, input_ids and time_ids must have one row per picture")
+
+
+def draw_batch(cache: dict, step: int, args) -> tuple:
+    """The global batch of ``step`` (deterministic, so a resumed run repeats nothing):
+    a bucket drawn in proportion to its pictures, then ``--batch-size`` of them."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    names = sorted(cache["buckets"])
+    counts = torch.tensor([cache["buckets"][k]["latent_mean"].shape[0] for k in names], dtype=torch.float)
+    bucket = cache["buckets"][names[int(torch.multinomial(counts, 1, generator=g))]]
+    idx = torch.randint(0, bucket["latent_mean"].shape[0], (args.batch_size,), generator=g)
+    mean, std = bucket["latent_mean"][idx].float(), bucket["latent_std"][idx].float()
+    latents = mean + std * torch.randn(mean.shape, generator=g)
+    high = REFINER_MAX_T if args.kind == "refiner" else 1000
+    t = torch.randint(0, high, (len(idx),), generator=g)
+    noise = torch.randn(mean.shape, generator=g)
+    ids = bucket["input_ids"][idx].long()
+    ids = ids[torch.arange(len(idx)), torch.randint(0, ids.shape[1], (len(idx),), generator=g)]
+    keep = (torch.rand(len(idx), generator=g) >= args.uncond_prob).float()   # caption dropout: zeros
+    return latents, ids, keep, bucket["time_ids"][idx], t, noise
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+RESUME_KEYS = ("kind", "steps", "seed", "batch_size", "lr", "uncond_prob")
+
+
+def train(args) -> None:
+    """One process (CPU threads, or CUDA when available); checkpoints every ``--save-every``
+    steps to ``--out/last.pt`` and resumes from it when rerun with the same settings."""
+    from tqdm import tqdm
+
+    from ministd.weights import read_safetensors
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt_path = out / "last.pt"
+    cache = torch.load(args.cache, map_location="cpu", weights_only=False)
+    check_cache(cache, args.kind)
+    encoders = [e.to(device) for e in load_encoders(args.kind)]
+    torch.manual_seed(args.seed)
+    unet = UNet(xl_config(args.kind))
+    counts = warm_start(unet, read_safetensors(args.init_from)) if args.init_from else None
+    unet = unet.to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, elapsed = 0, 0.0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        written = {k: state["args"][k] for k in RESUME_KEYS}
+        if any(written[k] != vars(args)[k] for k in RESUME_KEYS):
+            sys.exit(f"{ckpt_path} was written with other settings ({written}); use another --out or the same")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"resuming from step {step} ({elapsed / 60:.1f} min trained so far)", flush=True)
+    elif counts:
+        print(f"warm start from {args.init_from}: {counts}", flush=True)
+    schedule = NoiseSchedule()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    log = open(out / "log.txt", "a")
+    t0 = time.time()
+
+    def checkpoint(at_step: int) -> None:
+        save_atomically({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": at_step, "elapsed": elapsed + time.time() - t0, "args": vars(args),
+                         "config": unet.config.to_dict()}, ckpt_path)
+
+    bar = tqdm(total=args.steps, initial=step, desc=f"xl {args.kind}", mininterval=10)
+    unet.train()
+    while step < args.steps:
+        latents, ids, keep, time_ids, t, noise = (x.to(device) for x in draw_batch(cache, step, args))
+        with torch.no_grad():
+            states, pooled = text_conditions(encoders, ids)
+            states, pooled = states * keep[:, None, None], pooled * keep[:, None]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        loss = diffusion_loss(unet, latents, schedule, t=t, noise=noise, encoder_hidden_states=states,
+                              added_cond={"text_embeds": pooled, "time_ids": time_ids})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        optimizer.step()
+        update_ema(ema, unet, step, args.ema_decay)
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            log.write(json.dumps({"step": step, "loss": loss.item(), "time": elapsed + time.time() - t0}) + "\n")
+            log.flush()
+        if step % args.save_every == 0 or step == args.steps:
+            checkpoint(step)
+        if args.stop_after is not None and step >= args.stop_after:
+            checkpoint(step)
+            print(f"stopping at step {step} as asked (--stop-after); rerun to continue", flush=True)
+            break
+    bar.close()
+    print(f"at step {step}: {(elapsed + time.time() - t0) / 60:.1f} min of training", flush=True)
+
+
+def load_checkpoint(path: str | Path, use_ema: bool = True) -> UNet:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = UNet(UNetConfig.from_dict(state["config"]))
+    model.load_state_dict(state["ema" if use_ema else "unet"])
+    return model.eval()
+
+
+def export(args) -> None:
+    """The EMA weights as float16 safetensors + JSON (with the suggested sampler, DDIM)."""
+    from ministd.train.unet import SHIPPED_SCHEDULER
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    model = load_checkpoint(args.checkpoint)
+    model.save(args.out, dtype=torch.float16, extra_config={
+        "_scheduler": SHIPPED_SCHEDULER,
+        "_ministd": {"kind": state["args"]["kind"], "trained_steps": state["step"],
+                     "training_minutes": round(state["elapsed"] / 60, 1), "training_args": state["args"]}})
+    print(f"wrote {args.out} (float16 EMA weights of step {state['step']}) and its .json")
+
+
+# --------------------------------------------------------------------------- #
+# The effects of chapters 13-14, measured
+# --------------------------------------------------------------------------- #
+
+def edge_sharpness(picture) -> float:
+    """How sharp a picture's edges are: the mean Sobel gradient magnitude g (largest over the
+    colour channels, as :func:`ministd.data.edge_map`), each pixel weighted by its own g:
+    sum(g^2) / sum(g), in RGB units. A soft picture spreads each edge's change over more
+    pixels at lower slopes: its sum(g) stays about the same, its sum(g^2) drops. The
+    ratio does not depend on how much edge a picture has, only on how steep it is."""
+    x = np.asarray(picture.convert("RGB") if isinstance(picture, Image.Image) else picture).astype(np.float64)
+    x = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[0] - 2, x.shape[1] - 2
+
+    def win(dy, dx):
+        return x[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (win(-1, 1) + 2 * win(0, 1) + win(1, 1)) - (win(-1, -1) + 2 * win(0, -1) + win(1, -1))
+    gy = (win(1, -1) + 2 * win(1, 0) + win(1, 1)) - (win(-1, -1) + 2 * win(-1, 0) + win(-1, 1))
+    g = np.sqrt(gx ** 2 + gy ** 2).max(-1)
+    return float((g ** 2).sum() / g.sum()) if g.sum() > 0 else 0.0
+
+
+def object_centroid(picture) -> tuple[float, float] | None:
+    """(x, y) of the object pixels' mean (``adherence.object_mask``), None without any."""
+    from ministd.train.adherence import object_mask
+
+    mask = object_mask(np.asarray(picture))
+    if mask.sum() <= 10:
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean()), float(ys.mean())
+
+
+def wholly_in_frame(picture) -> bool:
+    """Objects drawn, none touching the picture's edge: no object pixel on the 1-pixel border
+    (and more than 10 object pixels in all)."""
+    from ministd.train.adherence import object_mask
+
+    mask = object_mask(np.asarray(picture))
+    border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    return bool(mask.sum() > 10 and not border.any())
+
+
+def follows_prompt(picture, text: str) -> bool:
+    """A one-object picture in the asked colour (a solid region of it) on the asked background
+    (the border's median nearest that palette colour), where the prompt says them."""
+    from ministd.data import COLORS, parse_caption
+    from ministd.train.adherence import background_color, draws_colors, palette_distances
+
+    said = parse_caption(text)
+    pixels = np.asarray(picture)
+    ok = draws_colors(pixels, [said["objects"][0]["color"]])
+    if said["background"] is not None:
+        ok = ok and COLORS[int(palette_distances(background_color(pixels)).argmin())] == said["background"]
+    return bool(ok)
+
+
+def data_crop_shift(n: int = 20000, crop: int = 16, window: int = 2) -> dict:
+    """What the training data itself says a crop does: the mean object-centre position (x, y)
+    of one-object 64x64 samples cropped by about ``crop`` on both axes, minus that of samples
+    cropped by about 0 (each within ``window`` pixels), from :func:`ministd.data.sdxl_sample`'s boxes."""
+    from ministd.data import ShapesWorld, sdxl_sample
+
+    world = ShapesWorld(seed=WORLD_SEEDS["base"], objects=1)
+    near = {0: [], crop: []}
+    for i in range(n):
+        s = sdxl_sample(world, i, bucket=(64, 64))
+        top, left = s.crops_coords_top_left
+        for c in near:
+            if abs(top - c) <= window and abs(left - c) <= window:
+                x0, y0, x1, y1 = s.boxes[0]
+                near[c].append(((x0 + x1) / 2, (y0 + y1) / 2))
+    mean = {c: np.mean(v, axis=0) for c, v in near.items()}
+    shift = mean[crop] - mean[0]
+    return {"dx": float(shift[0]), "dy": float(shift[1]), "samples": [len(near[0]), len(near[crop])]}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def effects(args) -> dict:
+    """Every effect chapters 13-14 claim, on held-out prompts at the pipelines' defaults
+    (their DDIM, 20 steps, guidance 5.0), each prompt with its own seed; printed and, with
+    ``--json``, written. See chapter 13 / 14 for what each figure means."""
+    import ministd
+    from ministd.train.adherence import (ONE_OBJECT_FORMS, PAIR_FORMS, draws_colors, make_prompts,
+                                         palette_share)
+    from ministd.data import ShapesWorld, parse_caption
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    base = ministd.load_pipeline(args.base)
+    refiner = ministd.load_pipeline(args.refiner)
+    sd = ministd.load_pipeline("shapes")
+    for pipe in (base, refiner, sd):
+        pipe.progress_bar = False
+    prompts = make_prompts(args.n, forms=ONE_OBJECT_FORMS, seed=args.seed)
+    texts, seeds = [p.text for p in prompts], [p.seed for p in prompts]
+    steps = args.steps
+
+    def pictures(pipe, height=64, width=64, **kwargs):
+        out = []
+        for start in range(0, len(texts), args.batch_size):
+            batch = slice(start, start + args.batch_size)
+            noise = torch.cat([torch.randn((1, 4, height // 4, width // 4), generator=torch.Generator().manual_seed(s))
+                               for s in seeds[batch]])
+            result = pipe.txt2img(texts[batch], num_inference_steps=steps, height=height, width=width,
+                                  latents=noise, **kwargs)
+            out += result.images if kwargs.get("output_type") == "latent" else [np.asarray(im) for im in result.images]
+        return out
+
+    report: dict = {"n": len(prompts), "steps": steps, "guidance_scale": 5.0, "seed": args.seed}
+    # 1. crop conditioning
+    plain = pictures(base)
+    cropped = pictures(base, crops_coords_top_left=(args.crop, args.crop))
+    world = ShapesWorld()
+    truth = [np.asarray(world.render(t, seed=s)[0]) for t, s in zip(texts, seeds)]
+    shifts = [(np.subtract(b, a) if a is not None and b is not None else None)
+              for a, b in zip(map(object_centroid, plain), map(object_centroid, cropped))]
+    shifts = [s for s in shifts if s is not None]
+    report["crop"] = {"crop": args.crop,
+                      "wholly_in_frame_at_0": float(np.mean([wholly_in_frame(p) for p in plain])),
+                      "wholly_in_frame_at_crop": float(np.mean([wholly_in_frame(p) for p in cropped])),
+                      "wholly_in_frame_truth": float(np.mean([wholly_in_frame(p) for p in truth])),
+                      "mean_shift_x": float(np.mean([s[0] for s in shifts])),
+                      "mean_shift_y": float(np.mean([s[1] for s in shifts])), "pairs": len(shifts),
+                      "training_data_shift": data_crop_shift(crop=args.crop)}
+    # 2. size conditioning
+    small = pictures(base, original_size=(32, 32))
+    large = pictures(base, original_size=(128, 128))
+    up = [np.asarray(ShapesWorld(size=32).render(t, seed=s)[0].resize((64, 64), Image.Resampling.BICUBIC))
+          for t, s in zip(texts, seeds)]
+    down = [np.asarray(ShapesWorld(size=128).render(t, seed=s)[0].resize((64, 64), Image.Resampling.BICUBIC))
+            for t, s in zip(texts, seeds)]
+    report["size"] = {"sharpness_original_32": _mean(map(edge_sharpness, small)),
+                      "sharpness_original_64": _mean(map(edge_sharpness, plain)),
+                      "sharpness_original_128": _mean(map(edge_sharpness, large)),
+                      "truth_sharpness_32_upscaled": _mean(map(edge_sharpness, up)),
+                      "truth_sharpness_128_downscaled": _mean(map(edge_sharpness, down))}
+    # 3. aspect buckets (height, width), against the square pictures and the SD-type model
+    report["buckets"] = {}
+    square_sd = pictures(sd, guidance_scale=5.0)
+    for (h, w), pics in (((64, 64), plain), ((48, 80), pictures(base, 48, 80)), ((80, 48), pictures(base, 80, 48))):
+        report["buckets"][f"{h}x{w}"] = {"size_ok": all(p.shape[:2] == (h, w) for p in pics),
+                                         "follows_prompt": float(np.mean([follows_prompt(p, t) for p, t in zip(pics, texts)])),
+                                         "one_object": float(np.mean([_one_object(p) for p in pics]))}
+    report["buckets"]["shapes_64x64"] = {"follows_prompt": float(np.mean([follows_prompt(p, t) for p, t in zip(square_sd, texts)])),
+                                         "one_object": float(np.mean([_one_object(p) for p in square_sd]))}
+    # 4. two objects: does each keep its colour (concept bleeding)?
+    pairs = make_prompts(args.n_pairs * len(PAIR_FORMS), forms=PAIR_FORMS, seed=args.seed)
+    keep_texts, keep_seeds = texts, seeds
+    texts, seeds = [p.text for p in pairs], [p.seed for p in pairs]
+    colors = [[o["color"] for o in parse_caption(t)["objects"]] for t in texts]
+    report["two_objects"] = {"n": len(pairs),
+                             "xl": float(np.mean([draws_colors(p, c) for p, c in zip(pictures(base), colors)])),
+                             "shapes": float(np.mean([draws_colors(p, c) for p, c in zip(pictures(sd, guidance_scale=5.0), colors)]))}
+    texts, seeds = keep_texts, keep_seeds
+    # 5. the refiner: the last 20% of the same 20 steps, and its quality score
+    handed = torch.cat(pictures(base, denoising_end=args.handoff, output_type="latent"))
+    refined = {}
+    for score in args.scores:
+        out = []
+        for start in range(0, len(texts), args.batch_size):
+            batch = slice(start, start + args.batch_size)
+            result = refiner.img2img(texts[batch], handed[batch], denoising_start=args.handoff,
+                                     num_inference_steps=steps, aesthetic_score=score, seed=args.seed)
+            out += [np.asarray(im) for im in result.images]
+        refined[score] = out
+    alone = plain
+    report["refiner"] = {"handoff": args.handoff,
+                         "palette_base_alone": _mean(map(palette_share, alone)),
+                         "palette_truth": _mean(map(palette_share, truth)),
+                         "quality_base_alone": _mean(map(quality_score, alone)),
+                         "by_aesthetic_score": {str(s): {"palette": _mean(map(palette_share, pics)),
+                                                         "quality": _mean(map(quality_score, pics)),
+                                                         "follows_prompt": float(np.mean([follows_prompt(p, t) for p, t in zip(pics, texts)]))}
+                                                for s, pics in refined.items()},
+                         "follows_prompt_base_alone": float(np.mean([follows_prompt(p, t) for p, t in zip(alone, texts)]))}
+    report["seconds"] = round(time.time() - t0)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _one_object(picture) -> bool:
+    from ministd.train.adherence import count_objects
+
+    return count_objects(np.asarray(picture)) == 1
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ministd.train.sdxl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="draw, degrade (refiner), encode and tokenize the training set")
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=_positive_int, default=20000)
+    p.add_argument("--captions", type=_positive_int, default=2)
+    p.add_argument("--seed", type=int, default=None, help="ShapesWorld seed (default: the kind's own)")
+    p.add_argument("--degrade-prob", type=float, default=0.6)
+    p.add_argument("--vae", default=str(DATA / "shapes_vae.safetensors"))
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    t = sub.add_parser("train", help="train (resumes from --out/last.pt)")
+    t.add_argument("--kind", choices=KINDS, required=True)
+    t.add_argument("--cache", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--init-from", default=str(DATA / "shapes_unet.safetensors"),
+                   help="weights to start from (see warm_start); '' for a fresh U-Net")
+    t.add_argument("--steps", type=_positive_int, default=6000)
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--uncond-prob", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=_positive_int, default=100)
+    t.add_argument("--stop-after", type=int, default=None)
+    t.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("export", help="write a checkpoint's EMA weights to data/")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True)
+    f = sub.add_parser("effects", help="measure chapters 13-14's effects on held-out prompts")
+    f.add_argument("--base", default="shapes-xl")
+    f.add_argument("--refiner", default="shapes-xl-refiner")
+    f.add_argument("--n", type=_positive_int, default=64)
+    f.add_argument("--n-pairs", type=_positive_int, default=12, help="two-object prompts per pair form")
+    f.add_argument("--steps", type=_positive_int, default=20)
+    f.add_argument("--crop", type=int, default=16)
+    f.add_argument("--handoff", type=float, default=0.8)
+    f.add_argument("--scores", type=float, nargs="+", default=[2.5, 4.0, 6.0])
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--batch-size", type=_positive_int, default=32)
+    f.add_argument("--threads", type=_positive_int, default=1)
+    f.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    {"prepare": prepare, "train": train, "export": export, "effects": effects}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The book's SDXL-type models (ministd.train.sdxl, chapters 13-14): data, warm start,
+training loop, the quality score and the effect measures."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import ministd.train.sdxl as X
+from ministd.data import PALETTE, ShapesWorld
+from ministd.unet import UNet
+from ministd.weights import read_safetensors
+
+
+def _render(caption="a large red circle in the center on a blue background", seed=0, size=64):
+    return ShapesWorld(size=size).render(caption, seed=seed)[0]
+
+
+# --------------------------------------------------------------------------- quality score
+
+def test_quality_score_ranks_degradations():
+    clean = _render()
+    assert X.quality_score(Image.new("RGB", (16, 16), PALETTE["green"])) == pytest.approx(6.0)
+    score = X.quality_score(clean)
+    assert 5.5 < score < 6.0
+    blurred = X.quality_score(clean.filter(ImageFilter.GaussianBlur(1.5)))
+    noisy = np.asarray(clean).astype(float) + np.random.default_rng(0).normal(0, 25, (64, 64, 3))
+    noisy = X.quality_score(noisy.clip(0, 255).astype(np.uint8))
+    assert score > blurred > 4.0 and score - noisy > 1.5, (score, blurred, noisy)
+    grey = Image.new("RGB", (8, 8), (128, 128, 128))          # 128 is about 90 from every palette colour
+    assert X.quality_score(grey) == 0.0
+    with pytest.raises(ValueError, match=r"RGB image \[H, W, 3\]"):
+        X.quality_score(np.zeros((8, 8)))
+
+
+def test_degrade_is_seeded_and_lowers_the_score():
+    clean = _render()
+    a, b = X.degrade(clean, random.Random(3)), X.degrade(clean, random.Random(3))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    scores = [X.quality_score(X.degrade(clean, random.Random(k))) for k in range(20)]
+    assert max(scores) < X.quality_score(clean) and min(scores) < 4.5
+
+
+# --------------------------------------------------------------------------- models
+
+def test_configs_follow_the_encoders():
+    base, refiner = X.xl_config("base"), X.xl_config("refiner")
+    assert base.cross_attention_dim == 128 + 192 and refiner.cross_attention_dim == 192
+    assert base.projection_class_embeddings_input_dim == 192 + 6 * 64
+    assert refiner.projection_class_embeddings_input_dim == 192 + 5 * 64
+    with pytest.raises(ValueError, match="kind must be one of"):
+        X.xl_config("turbo")
+
+
+@torch.no_grad()
+def test_warm_start_begins_as_the_shipped_unet():
+    """The widened keys/values read the old 128 channels only and the added embedding starts at
+    zero, so the new U-Net computes the old one's output whatever the wide encoder and the time
+    ids say (float32; atol 1e-5: the same sums in another order)."""
+    source = read_safetensors(X.DATA / "shapes_unet.safetensors", dtype=torch.float32)
+    old = UNet.load(X.DATA / "shapes_unet.safetensors").float().eval()
+    new = UNet(X.xl_config("base"))
+    counts = X.warm_start(new, source)
+    assert counts["widened"] == 2 * 10 and counts["fresh"] == 4    # to_k, to_v of 10 transformers; add_embedding
+    new.eval()
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 128, generator=g)
+    t = torch.tensor([50, 700])
+    added = {"text_embeds": torch.randn(2, 192, generator=g), "time_ids": torch.tensor([[32., 32, 16, 0, 64, 64]] * 2)}
+    wide = torch.cat([states, torch.randn(2, 77, 192, generator=g)], dim=-1)
+    torch.testing.assert_close(new(x, t, wide, added_cond=added), old(x, t, states), atol=1e-5, rtol=0)
+    refiner = UNet(X.xl_config("refiner"))
+    counts = X.warm_start(refiner, source)
+    assert counts["widened"] == 0 and counts["fresh"] == 2 * 10 + 4
+    assert not refiner.add_embedding.linear_2.weight.any()
+
+
+@torch.no_grad()
+def test_text_conditions_are_the_pipelines():
+    """What training feeds the U-Net equals what StableDiffusionXLPipeline.encode_prompt gives it."""
+    from ministd.pipelines import StableDiffusionXLPipeline
+    from ministd.samplers import make_sampler
+    from ministd.tokenizer import CLIPTokenizer
+    from ministd.vae import load_shapes_vae
+
+    encoders = X.load_encoders("base")
+    tok = CLIPTokenizer.from_vocab_file()
+    pipe = StableDiffusionXLPipeline(tok, encoders[0], CLIPTokenizer.from_vocab_file(), encoders[1],
+                                     UNet(X.xl_config("base")), load_shapes_vae(), make_sampler("ddim"))
+    prompts = ["a red circle", "two objects: a small blue square at the top left and a green triangle"]
+    states, pooled = pipe.encode_prompt(prompts)
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    ours, ours_pooled = X.text_conditions(encoders, ids)
+    assert ours.shape == (2, 77, 320) and ours_pooled.shape == (2, 192)
+    assert torch.equal(ours, states) and torch.equal(ours_pooled, pooled)
+
+
+# --------------------------------------------------------------------------- data and training
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xl")
+    for kind in X.KINDS:
+        X.main(["prepare", "--kind", kind, "--out", str(root / f"{kind}.pt"), "--n", "18", "--batch-size", "8",
+                "--degrade-prob", "0.5"])
+    return root
+
+
+def test_prepare_groups_by_bucket_with_time_ids(caches):
+    from ministd.data import SDXL_BUCKETS
+
+    base = torch.load(caches / "base.pt", weights_only=False)
+    assert base["meta"]["kind"] == "base"
+    assert sum(b["latent_mean"].shape[0] for b in base["buckets"].values()) == 18
+    for name, bucket in base["buckets"].items():
+        h, w = map(int, name.split("x"))
+        assert (h, w) in SDXL_BUCKETS
+        assert bucket["latent_mean"].shape[1:] == (4, h // 4, w // 4)
+        ids = bucket["time_ids"]
+        assert ids.shape[1] == 6 and (ids[:, 4] == h).all() and (ids[:, 5] == w).all()
+        assert ((ids[:, 0] >= 32) & (ids[:, 0] <= 128)).all() and (ids[:, 2:4] >= 0).all()
+    refiner = torch.load(caches / "refiner.pt", weights_only=False)
+    scores = torch.cat([b["time_ids"][:, 4] for b in refiner["buckets"].values()])
+    assert scores.max() <= 6.0 and scores.min() < 5.0          # a range of quality (degraded ones)
+    with pytest.raises(ValueError, match="not a base cache"):
+        X.check_cache(refiner, "base")
+
+
+def _train_args(caches, kind, out, *extra):
+    return ["train", "--kind", kind, "--cache", str(caches / f"{kind}.pt"), "--out", str(out), "--steps", "4",
+            "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--save-every", "2", *extra]
+
+
+def test_batches_hold_one_bucket_and_the_refiners_noise_is_low(caches):
+    import argparse
+
+    cache = torch.load(caches / "refiner.pt", weights_only=False)
+    args = argparse.Namespace(seed=0, batch_size=6, kind="refiner", uncond_prob=0.5)
+    for step in range(10):
+        latents, ids, keep, time_ids, t, noise = X.draw_batch(cache, step, args)
+        assert latents.shape == noise.shape and latents.shape[0] == 6 and time_ids.shape == (6, 5)
+        assert (t < X.REFINER_MAX_T).all() and set(keep.tolist()) <= {0.0, 1.0}
+        again = X.draw_batch(cache, step, args)
+        assert torch.equal(again[0], latents) and torch.equal(again[4], t)
+
+
+@pytest.mark.slow
+def test_training_resumes_exactly_and_exports(caches, tmp_path):
+    """Stopped after step 2 and rerun, a run ends where an uninterrupted one does (bit for bit:
+    one process, the same batches); the export loads as a U-Net of the same function."""
+    threads = torch.get_num_threads()
+    try:
+        X.main(_train_args(caches, "base", tmp_path / "straight"))
+        X.main(_train_args(caches, "base", tmp_path / "resumed", "--stop-after", "2"))
+        assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["step"] == 2
+        X.main(_train_args(caches, "base", tmp_path / "resumed"))
+        with pytest.raises(SystemExit, match="other settings"):
+            X.main(_train_args(caches, "base", tmp_path / "resumed", "--seed", "1"))
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(v, b["unet"][k]) for k, v in a["unet"].items())
+    start = UNet(X.xl_config("base"))
+    X.warm_start(start, read_safetensors(X.DATA / "shapes_unet.safetensors", dtype=torch.float32))
+    assert (a["unet"]["add_embedding.linear_2.weight"] - start.add_embedding.linear_2.weight).abs().max() > 1e-4
+    X.main(["export", "--checkpoint", str(tmp_path / "straight" / "last.pt"), "--out", str(tmp_path / "xl.safetensors")])
+    exported = UNet.load(tmp_path / "xl.safetensors").float().eval()
+    assert exported.config.addition_time_embed_dim == X.ADDITION_TIME_EMBED_DIM
+    ema = X.load_checkpoint(tmp_path / "straight" / "last.pt")
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 12, 20, generator=g), torch.randn(1, 77, 320, generator=g)
+    added = {"text_embeds": torch.randn(1, 192, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 48, 80]])}
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, torch.tensor([500]), ctx, added_cond=added),
+                                   ema(x, torch.tensor([500]), ctx, added_cond=added), atol=5e-3, rtol=0)  # float16
+
+
+# --------------------------------------------------------------------------- effect measures
+
+def test_effect_measures_on_ground_truth():
+    centre = np.asarray(_render())
+    assert X.wholly_in_frame(centre)
+    cut = np.asarray(_render("a large red circle at the top left on a blue background").crop((16, 16, 80, 80)))
+    assert not X.wholly_in_frame(cut)
+    # the same picture moved 6 pixels right and 4 down (background colour filled in)
+    moved = np.full_like(centre, PALETTE["blue"])
+    moved[4:, 6:] = centre[:-4, :-6]
+    (x0, y0), (x1, y1) = X.object_centroid(centre), X.object_centroid(moved)
+    assert (x1 - x0, y1 - y0) == pytest.approx((6, 4), abs=0.01)
+    assert X.object_centroid(np.full_like(centre, PALETTE["blue"])) is None
+    # a soft picture (a 32-pixel render enlarged) has lower edge sharpness than a sharp one
+    soft = _render(size=32).resize((64, 64), Image.Resampling.BICUBIC)
+    sharp = _render(size=128).resize((64, 64), Image.Resampling.BICUBIC)
+    assert X.edge_sharpness(soft) < 0.8 * X.edge_sharpness(sharp)
+    assert X.follows_prompt(centre, "a red circle on a blue background")
+    assert not X.follows_prompt(centre, "a green circle") and not X.follows_prompt(centre, "a red circle, yellow background")
+
+
+def test_the_training_data_moves_objects_with_the_crop():
+    shift = X.data_crop_shift(n=3000, crop=16, window=3)
+    assert min(shift["samples"]) > 20
+    assert shift["dx"] < -3 and shift["dy"] < -3, shift
