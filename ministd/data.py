@@ -476,8 +476,9 @@ SDXL_BUCKETS: tuple[tuple[int, int], ...] = ((64, 64), (48, 80), (80, 48))
 class SDXLSample:
     """One training picture with the conditions SDXL's U-Net sees beside the text.
 
-    ``original_size`` (h, w): the size the picture was drawn at, before any resizing
-    (small originals, enlarged, look soft: the model learns to tell, sec. 2.2);
+    ``original_size`` (h, w): the size of the picture before any resizing (the scene's
+    drawing, or the canvas it was widened to; small originals, enlarged, look soft: the
+    model learns to tell, sec. 2.2);
     ``crops_coords_top_left`` (top, left): pixels cut from the top and the left of the
     *resized* picture to fit the bucket (as the paper records them); ``target_size``
     (h, w): the bucket, the size of ``image``. ``boxes``: each object's bounding box
@@ -499,13 +500,22 @@ class SDXLSample:
 
 
 def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None = None,
-                original_sides: tuple[int, int] = (32, 128), max_zoom: float = 1.5) -> SDXLSample:
+                original_sides: tuple[int, int] = (32, 128), max_margin: int = 32) -> SDXLSample:
     """Sample ``index`` of ``world`` as SDXL's data pipeline would hand it over (deterministic).
 
     1. The scene is drawn at a random original side in ``original_sides`` (inclusive).
-    2. It is resized (bicubic) so that it covers the bucket (``bucket``, or one of
-       :data:`SDXL_BUCKETS` drawn at random) times a random zoom in [1, ``max_zoom``], and
-    3. cropped to the bucket at a random place; the crop's top-left corner is recorded.
+    2. It is resized (bicubic) so that its short side fits the bucket (``bucket``, or one of
+       :data:`SDXL_BUCKETS` drawn at random) and cropped there at a random place, as SDXL
+       does (sec. 2.2): a square scene in the 48x80 bucket loses up to 32 rows, in the
+       80x48 one up to 32 columns, and the crop's top-left corner is recorded.
+    3. A square scene fits the square bucket with nothing to cut, so there the picture is
+       first given a wider view: the canvas grows by a random margin of 0 to
+       ``max_margin`` bucket pixels at the bottom and at the right (filled with the
+       background colour, as though the photograph showed more of the floor), the
+       original size records that canvas, and the crop is taken from it. Cropping
+       ``c`` pixels from the top then moves every object exactly ``c`` pixels up (and
+       cuts what was within ``c`` of the top edge), and a crop of (0, 0) shows the
+       whole scene: the two facts crop conditioning should learn.
     """
     rng = random.Random(f"shapesworld-sdxl:{world.seed}:{index}")
     if bucket is None:
@@ -514,22 +524,32 @@ def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None =
     lo, hi = original_sides
     if not 16 <= lo <= hi:
         raise ValueError(f"original_sides must be (low, high) with 16 <= low <= high, got {original_sides!r}")
-    if max_zoom < 1:
-        raise ValueError(f"max_zoom must be >= 1, got {max_zoom!r}")
+    if isinstance(max_margin, bool) or not isinstance(max_margin, int) or max_margin < 0:
+        raise ValueError(f"max_margin must be an integer >= 0, got {max_margin!r}")
     attrs, jitter, caption_rng = world.attributes(index)
     caption, _ = write_caption(attrs, caption_rng, complete=world.complete_captions)
     side = rng.randint(lo, hi)
-    resized = math.ceil(max(height, width) * rng.uniform(1.0, max_zoom))
-    top, left = rng.randint(0, resized - height), rng.randint(0, resized - width)
-    picture = draw_scene(attrs, side, jitter).resize((resized, resized), Image.Resampling.BICUBIC)
-    image = picture.crop((left, top, left + width, top + height))
+    fit = max(height, width)                    # the square's side once its short side fits
+    picture = draw_scene(attrs, side, jitter)
+    if height == width:
+        extra = [round(rng.randint(0, max_margin) * side / fit) for _ in range(2)]   # in original pixels
+        canvas = Image.new("RGB", (side + extra[1], side + extra[0]), PALETTE[attrs["background"]])
+        canvas.paste(picture, (0, 0))
+        picture = canvas
+    scale = fit / side
+    resized = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))
+    top, left = rng.randint(0, resized[1] - height), rng.randint(0, resized[0] - width)
+    image = picture.resize(resized, Image.Resampling.BICUBIC).crop((left, top, left + width, top + height))
+    sx, sy = resized[0] / picture.width, resized[1] / picture.height
     boxes = []
     for k, obj in enumerate(attrs["objects"]):
-        dx, dy, scale = jitter[k]
+        dx, dy, size_jitter = jitter[k]
         col, row = POSITIONS[obj["position"]]
-        cx, cy, r = (_GRID[col] + dx) * resized, (_GRID[row] + dy) * resized, SIZES[obj["size"]] * scale * resized
-        boxes.append((cx - r - left, cy - r - top, cx + r - left, cy + r - top))
-    return SDXLSample(image, caption, attrs, (side, side), (top, left), (height, width), tuple(boxes))
+        cx, cy = (_GRID[col] + dx) * side * sx - left, (_GRID[row] + dy) * side * sy - top
+        r = SIZES[obj["size"]] * size_jitter * side
+        boxes.append((cx - r * sx, cy - r * sy, cx + r * sx, cy + r * sy))
+    return SDXLSample(image, caption, attrs, (picture.height, picture.width), (top, left), (height, width),
+                      tuple(boxes))
 
 
 # --------------------------------------------------------------------------- #

@@ -584,3 +584,79 @@ def depth2img_app(pipe, image: Image.Image, prompt: str = "a large green triangl
         control.observe(redraw, names="value")
     redraw()
     return w.VBox([text, w.HBox([strength, cfg, seed]), picture, status])
+
+
+# ------------------------------------------------------------ SDXL in miniature (chapters 13-14)
+
+def crop_image(pipe, prompt: str, top: int = 0, left: int = 0, original_side: int | None = None,
+               seed: int = 0, num_inference_steps: int = 20, height: int = 64, width: int = 64,
+               scale: int = 4) -> Image.Image:
+    """An SDXL-type picture with ``crops_coords_top_left=(top, left)`` and, when given,
+    ``original_size=(original_side, original_side)``, enlarged ``scale`` times (NEAREST)."""
+    sizes = {} if original_side is None else {"original_size": (original_side, original_side)}
+    image = pipe.txt2img(prompt, num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
+                         crops_coords_top_left=(top, left), **sizes).images[0]
+    return image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
+
+
+def crop_app(pipe, prompt: str = "a large red circle in the center on a blue background"):
+    """Sliders for the crop offset (top, left) and the original size the SDXL-type base is told."""
+    import ipywidgets as w
+
+    pipe.progress_bar = False
+    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
+    top = w.IntSlider(value=0, min=0, max=32, step=2, description="crop top", continuous_update=False)
+    left = w.IntSlider(value=0, min=0, max=32, step=2, description="crop left", continuous_update=False)
+    side = w.IntSlider(value=64, min=32, max=128, step=8, description="original", continuous_update=False)
+    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
+    picture, status = w.Image(format="png"), w.HTML()
+
+    def redraw(_=None):
+        try:
+            picture.value = _png(crop_image(pipe, text.value, top.value, left.value, side.value, seed=seed.value))
+            status.value = ""
+        except ValueError as exc:
+            status.value = f"<b>{exc}</b>"
+
+    for control in (text, top, left, side, seed):
+        control.observe(redraw, names="value")
+    redraw()
+    return w.VBox([text, w.HBox([top, left]), w.HBox([side, seed]), picture, status])
+
+
+def handoff_image(base, refiner, prompt: str, handoff: float = 0.8, aesthetic_score: float = 6.0,
+                  seed: int = 0, num_inference_steps: int = 20, scale: int = 4) -> Image.Image:
+    """Base for the steps above ``handoff`` of the noise schedule, the refiner for the rest
+    (``denoising_end`` = ``denoising_start`` = handoff); ``handoff`` 1.0 is the base alone."""
+    if handoff >= 1.0:
+        image = base.txt2img(prompt, num_inference_steps=num_inference_steps, seed=seed).images[0]
+    else:
+        latents = base.txt2img(prompt, num_inference_steps=num_inference_steps, seed=seed,
+                               denoising_end=handoff, output_type="latent").latents
+        image = refiner.img2img(prompt, latents, denoising_start=handoff, num_inference_steps=num_inference_steps,
+                                aesthetic_score=aesthetic_score, seed=seed).images[0]
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def handoff_app(base, refiner, prompt: str = "a small yellow triangle at the top right on a purple background"):
+    """Sliders for where the refiner takes over (1.0: never) and the quality score it is asked for."""
+    import ipywidgets as w
+
+    base.progress_bar = refiner.progress_bar = False
+    text = w.Text(value=prompt, description="prompt", layout=w.Layout(width="520px"), continuous_update=False)
+    handoff = w.FloatSlider(value=0.8, min=0.5, max=1.0, step=0.05, description="hand-off", continuous_update=False)
+    score = w.FloatSlider(value=6.0, min=0.0, max=6.0, step=0.5, description="quality", continuous_update=False)
+    seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
+    picture, status = w.Image(format="png"), w.HTML()
+
+    def redraw(_=None):
+        try:
+            picture.value = _png(handoff_image(base, refiner, text.value, handoff.value, score.value, seed=seed.value))
+            status.value = ""
+        except ValueError as exc:
+            status.value = f"<b>{exc}</b>"
+
+    for control in (text, handoff, score, seed):
+        control.observe(redraw, names="value")
+    redraw()
+    return w.VBox([text, w.HBox([handoff, score, seed]), picture, status])

@@ -178,8 +178,12 @@ def test_sdxl_samples_carry_their_conditions():
         assert s.image.tobytes() == again.image.tobytes() and s.time_ids == again.time_ids   # deterministic
         h, w = s.target_size
         assert (h, w) in SDXL_BUCKETS and s.image.size == (w, h)
-        assert s.original_size[0] == s.original_size[1] and 32 <= s.original_size[0] <= 128
         top, left = s.crops_coords_top_left
+        oh, ow = s.original_size
+        if h == w:      # the square scene on a canvas widened at the bottom and right
+            assert 32 <= min(oh, ow) and max(oh, ow) <= 128 * 1.5 + 1
+        else:           # a square original, cut along the bucket's long side only
+            assert oh == ow and 32 <= oh <= 128 and (top == 0 if h > w else left == 0)
         assert 0 <= top and 0 <= left and s.time_ids == [*s.original_size, top, left, h, w]
         crops += (top, left) != (0, 0)
         seen_buckets.add((h, w))
@@ -191,13 +195,33 @@ def test_sdxl_samples_carry_their_conditions():
     assert seen_buckets == set(SDXL_BUCKETS) and crops >= 30
 
 
-def test_sdxl_sample_without_zoom_or_crop_is_the_resized_scene():
+def test_a_crop_moves_objects_by_its_size():
+    """In the square bucket an object's centre sits exactly (top, left) pixels up and left of
+    where the whole scene at 64x64 has it (to within the resize's rounding, 1 pixel); the
+    first test checks that the boxes are where the pixels are."""
+    from ministd.data import _GRID, POSITIONS, sdxl_sample
+
+    world = ShapesWorld(seed=4)
+    cropped = 0
+    for i in range(60):
+        s = sdxl_sample(world, i, bucket=(64, 64))
+        top, left = s.crops_coords_top_left
+        cropped += top >= 8 and left >= 8
+        _, jitter, _ = world.attributes(i)
+        for (x0, y0, x1, y1), obj, (dx, dy, _) in zip(s.boxes, s.attrs["objects"], jitter):
+            col, row = POSITIONS[obj["position"]]
+            assert abs((x0 + x1) / 2 + left - (_GRID[col] + dx) * 64) < 1
+            assert abs((y0 + y1) / 2 + top - (_GRID[row] + dy) * 64) < 1
+    assert cropped >= 10
+
+
+def test_sdxl_sample_without_margin_or_crop_is_the_resized_scene():
     from PIL import Image
 
     from ministd.data import draw_scene, sdxl_sample
 
     world = ShapesWorld(seed=1)
-    s = sdxl_sample(world, 5, bucket=(64, 64), max_zoom=1.0)
+    s = sdxl_sample(world, 5, bucket=(64, 64), max_margin=0)
     attrs, jitter, _ = world.attributes(5)
     assert s.crops_coords_top_left == (0, 0)
     expected = draw_scene(attrs, s.original_size[0], jitter).resize((64, 64), Image.Resampling.BICUBIC)
@@ -216,8 +240,8 @@ def test_small_originals_enlarged_are_softer():
         return (np.diff(a, axis=0) ** 2).mean() + (np.diff(a, axis=1) ** 2).mean()
 
     world = ShapesWorld(seed=2)
-    soft = [sharpness(sdxl_sample(world, i, (64, 64), (32, 32), 1.0).image) for i in range(12)]
-    sharp = [sharpness(sdxl_sample(world, i, (64, 64), (128, 128), 1.0).image) for i in range(12)]
+    soft = [sharpness(sdxl_sample(world, i, (64, 64), (32, 32), 0).image) for i in range(12)]
+    sharp = [sharpness(sdxl_sample(world, i, (64, 64), (128, 128), 0).image) for i in range(12)]
     assert np.mean(soft) < 0.8 * np.mean(sharp)
 
 
@@ -226,5 +250,5 @@ def test_sdxl_sample_arguments_are_checked():
 
     with pytest.raises(ValueError, match="original_sides must be"):
         sdxl_sample(ShapesWorld(), 0, original_sides=(64, 32))
-    with pytest.raises(ValueError, match="max_zoom must be >= 1"):
-        sdxl_sample(ShapesWorld(), 0, max_zoom=0.5)
+    with pytest.raises(ValueError, match="max_margin must be an integer >= 0"):
+        sdxl_sample(ShapesWorld(), 0, max_margin=-1)

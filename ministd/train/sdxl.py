@@ -496,7 +496,7 @@ def effects(args) -> dict:
                                for s in seeds[batch]])
             result = pipe.txt2img(texts[batch], num_inference_steps=steps, height=height, width=width,
                                   latents=noise, **kwargs)
-            out += result.images if kwargs.get("output_type") == "latent" else [np.asarray(im) for im in result.images]
+            out += [result.latents] if kwargs.get("output_type") == "latent" else [np.asarray(im) for im in result.images]
         return out
 
     report: dict = {"n": len(prompts), "steps": steps, "guidance_scale": 5.0, "seed": args.seed}
