@@ -32,7 +32,8 @@ MODULE_CHAPTER: dict[str, int] = {
     "pipelines": 10,      # txt2img, img2img, inpaint, SDXL base + refiner
     "speed": 10,          # CPU speed tricks applied to loaded models (one switch)
     "prompts": 10,        # prompts as the web UIs read them: clip skip, long prompts, (word:1.2) emphasis
-    "inpaint": 12,        # masks, latent blending, 9-channel inpainting, only-masked crop, outpainting
+    "inpaint": 12,
+    "train.sdxl": 13,     # the SDXL-type base and refiner on ShapesWorld: data, warm start, quality score, effects        # masks, latent blending, 9-channel inpainting, only-masked crop, outpainting
     "checkpoints": 15,    # loading real checkpoints: diffusers folders and single files
     "infotext": 15,       # generation parameters in a PNG, in the web UIs' layout (the command line)
     "adapters": 16,       # LoRA, textual inversion, hypernetworks: files readers trade, on ministd's networks

@@ -207,3 +207,20 @@ def test_the_training_data_moves_objects_with_the_crop():
     shift = X.data_crop_shift(n=3000, crop=16, window=3)
     assert min(shift["samples"]) > 20
     assert shift["dx"] < -3 and shift["dy"] < -3, shift
+
+
+def test_effects_script_writes_every_figure(tmp_path):
+    """The effects script end to end on 2 prompts and 2 steps (the numbers mean nothing here;
+    that every figure is there and in range does)."""
+    import json
+
+    out = tmp_path / "effects.json"
+    X.main(["effects", "--n", "2", "--n-pairs", "1", "--steps", "2", "--scores", "2.5", "6", "--data-samples", "400",
+            "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["n"] == 2 and report["steps"] == 2
+    assert 0 <= report["crop"]["wholly_in_frame_at_0"] <= 1 and report["crop"]["wholly_in_frame_truth"] == 1.0
+    assert report["size"]["truth_sharpness_32_upscaled"] < report["size"]["truth_sharpness_128_downscaled"]
+    assert all(report["buckets"][b]["size_ok"] for b in ("64x64", "48x80", "80x48"))
+    assert set(report["refiner"]["by_aesthetic_score"]) == {"2.5", "6.0"}
+    assert 0.95 < report["refiner"]["palette_truth"] <= 1.0 and report["two_objects"]["n"] == 3

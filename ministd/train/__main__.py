@@ -1,15 +1,15 @@
-"""``python -m ministd.train {vae,clip,unet,classifier} ...``: route to the training script of each shipped model."""
+"""``python -m ministd.train {vae,clip,unet,classifier,adapters,sdxl} ...``: route to the training script of each shipped model."""
 
 import importlib
 import sys
 
-MODELS = ("vae", "clip", "unet", "classifier")
+MODELS = ("vae", "clip", "unet", "classifier", "adapters", "sdxl")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m ministd.train {vae,clip,unet,classifier} [options]\n"
+        print(f"usage: python -m ministd.train {{{','.join(MODELS)}}} [options]\n"
               "       python -m ministd.train MODEL --help   for the options of one model")
         return 0
     if argv[0] not in MODELS:

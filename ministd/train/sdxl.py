@@ -514,7 +514,7 @@ def effects(args) -> dict:
                       "wholly_in_frame_truth": float(np.mean([wholly_in_frame(p) for p in truth])),
                       "mean_shift_x": float(np.mean([s[0] for s in shifts])),
                       "mean_shift_y": float(np.mean([s[1] for s in shifts])), "pairs": len(shifts),
-                      "training_data_shift": data_crop_shift(crop=args.crop)}
+                      "training_data_shift": data_crop_shift(n=args.data_samples, crop=args.crop)}
     # 2. size conditioning
     small = pictures(base, original_size=(32, 32))
     large = pictures(base, original_size=(128, 128))
@@ -632,6 +632,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--steps", type=_positive_int, default=20)
     f.add_argument("--crop", type=int, default=16)
     f.add_argument("--handoff", type=float, default=0.8)
+    f.add_argument("--data-samples", type=_positive_int, default=20000,
+                   help="training samples whose crops give the data's own shift")
     f.add_argument("--scores", type=float, nargs="+", default=[2.5, 4.0, 6.0])
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--batch-size", type=_positive_int, default=32)
