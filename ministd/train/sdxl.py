@@ -286,7 +286,7 @@ def draw_batch(cache: dict, step: int, args) -> tuple:
 # Training
 # --------------------------------------------------------------------------- #
 
-RESUME_KEYS = ("kind", "steps", "seed", "batch_size", "lr", "uncond_prob")
+RESUME_KEYS = ("kind", "steps", "seed", "batch_size", "lr", "uncond_prob", "added_lr_scale", "init_from")
 
 
 def train(args) -> None:
@@ -306,14 +306,26 @@ def train(args) -> None:
     encoders = [e.to(device) for e in load_encoders(args.kind)]
     torch.manual_seed(args.seed)
     unet = UNet(xl_config(args.kind))
-    counts = warm_start(unet, read_safetensors(args.init_from)) if args.init_from else None
+    phase = args.init_from.endswith(".pt") if args.init_from else False
+    counts = warm_start(unet, read_safetensors(args.init_from)) if args.init_from and not phase else None
     unet = unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # the added embedding (new in the warm start) may learn faster than the copied weights
+    added = [p for n, p in unet.named_parameters() if n.startswith("add_embedding.")]
+    rest = [p for n, p in unet.named_parameters() if not n.startswith("add_embedding.")]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": added, "lr_scale": args.added_lr_scale}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
     step, elapsed = 0, 0.0
+    if phase and not ckpt_path.is_file():
+        # a further phase: an earlier run's weights and EMA, a fresh optimiser and schedule
+        state = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        elapsed = state["elapsed"]          # its training time counts toward the total
+        print(f"starting from the weights of {args.init_from} (step {state['step']})", flush=True)
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        written = {k: state["args"][k] for k in RESUME_KEYS}
+        written = {k: state["args"].get(k) for k in RESUME_KEYS}
         if any(written[k] != vars(args)[k] for k in RESUME_KEYS):
             sys.exit(f"{ckpt_path} was written with other settings ({written}); use another --out or the same")
         unet.load_state_dict(state["unet"])
@@ -342,7 +354,7 @@ def train(args) -> None:
             states, pooled = text_conditions(encoders, ids)
             states, pooled = states * keep[:, None, None], pooled * keep[:, None]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup) * group["lr_scale"]
         loss = diffusion_loss(unet, latents, schedule, t=t, noise=noise, encoder_hidden_states=states,
                               added_cond={"text_embeds": pooled, "time_ids": time_ids})
         optimizer.zero_grad(set_to_none=True)
@@ -608,7 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--cache", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--init-from", default=str(DATA / "shapes_unet.safetensors"),
-                   help="weights to start from (see warm_start); '' for a fresh U-Net")
+                   help="weights to start from: an SD-type .safetensors (see warm_start), an earlier "
+                        "phase's last.pt (its weights and EMA, a fresh optimiser), or '' for a fresh U-Net")
+    t.add_argument("--added-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor for the added (pooled text + time ids) embedding")
     t.add_argument("--steps", type=_positive_int, default=6000)
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--lr", type=float, default=2e-4)
