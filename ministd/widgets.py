@@ -588,6 +588,21 @@ def depth2img_app(pipe, image: Image.Image, prompt: str = "a large green triangl
 
 # ------------------------------------------------------------ SDXL in miniature (chapters 13-14)
 
+def _live(picture, status, draw, controls) -> None:
+    """Redraw ``picture`` with ``draw()`` now and whenever a control changes; a ValueError
+    (a bad prompt or setting) is shown in ``status`` instead of the picture."""
+    def redraw(_=None):
+        try:
+            picture.value = _png(draw())
+            status.value = ""
+        except ValueError as exc:
+            status.value = f"<b>{exc}</b>"
+
+    for control in controls:
+        control.observe(redraw, names="value")
+    redraw()
+
+
 def crop_image(pipe, prompt: str, top: int = 0, left: int = 0, original_side: int | None = None,
                seed: int = 0, num_inference_steps: int = 20, height: int = 64, width: int = 64,
                scale: int = 4) -> Image.Image:
@@ -610,17 +625,8 @@ def crop_app(pipe, prompt: str = "a large red circle in the center on a blue bac
     side = w.IntSlider(value=64, min=32, max=128, step=8, description="original", continuous_update=False)
     seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
     picture, status = w.Image(format="png"), w.HTML()
-
-    def redraw(_=None):
-        try:
-            picture.value = _png(crop_image(pipe, text.value, top.value, left.value, side.value, seed=seed.value))
-            status.value = ""
-        except ValueError as exc:
-            status.value = f"<b>{exc}</b>"
-
-    for control in (text, top, left, side, seed):
-        control.observe(redraw, names="value")
-    redraw()
+    _live(picture, status, lambda: crop_image(pipe, text.value, top.value, left.value, side.value, seed=seed.value),
+          (text, top, left, side, seed))
     return w.VBox([text, w.HBox([top, left]), w.HBox([side, seed]), picture, status])
 
 
@@ -648,15 +654,6 @@ def handoff_app(base, refiner, prompt: str = "a small yellow triangle at the top
     score = w.FloatSlider(value=6.0, min=0.0, max=6.0, step=0.5, description="quality", continuous_update=False)
     seed = w.IntSlider(value=0, min=0, max=100, description="seed", continuous_update=False)
     picture, status = w.Image(format="png"), w.HTML()
-
-    def redraw(_=None):
-        try:
-            picture.value = _png(handoff_image(base, refiner, text.value, handoff.value, score.value, seed=seed.value))
-            status.value = ""
-        except ValueError as exc:
-            status.value = f"<b>{exc}</b>"
-
-    for control in (text, handoff, score, seed):
-        control.observe(redraw, names="value")
-    redraw()
+    _live(picture, status, lambda: handoff_image(base, refiner, text.value, handoff.value, score.value, seed=seed.value),
+          (text, handoff, score, seed))
     return w.VBox([text, w.HBox([handoff, score, seed]), picture, status])

@@ -55,6 +55,7 @@ from PIL import Image, ImageFilter
 
 from ministd.schedules import NoiseSchedule
 from ministd.train import diffusion_loss
+from ministd.train.unet import _positive_int
 from ministd.train.unet import (has_held_out_triple, learning_rate, save_atomically,
                                 training_captions, update_ema)
 from ministd.unet import UNet, UNetConfig, shapes_tiny
@@ -594,13 +595,6 @@ def _one_object(picture) -> bool:
 # --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ministd.train.sdxl", description=__doc__.split("\n\n")[0])
