@@ -226,3 +226,22 @@ def test_the_training_data_moves_objects_with_the_crop():
     assert min(shift["samples"]) > 20
     assert shift["dx"] < -3 and shift["dy"] < -3, shift
 
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "--kind", "base", "--out", "x.pt", "--degrade-prob", "1.5"], "must be a probability in [0, 1]"),
+    (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--uncond-prob", "-0.1"], "must be a probability"),
+    (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--added-lr-scale", "0"], "must be a finite number > 0"),
+    (["train", "--kind", "turbo", "--cache", "c.pt", "--out", "o"], "invalid choice: 'turbo'"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        X.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [(["--original-sides", "8", "128"], "--original-sides must be"),
+                                            (["--original-sides", "64", "32"], "--original-sides must be"),
+                                            (["--max-margin", "-1"], "--max-margin must be >= 0")])
+def test_bad_sample_recipe_is_refused_before_the_vae_loads(extra, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        X.main(["prepare", "--kind", "base", "--out", str(tmp_path / "c.pt"), "--vae", str(tmp_path / "none"), *extra])

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -201,6 +202,11 @@ def prepare(args) -> None:
     from ministd.tokenizer import CLIPTokenizer
     from ministd.vae import AutoencoderKL
 
+    lo, hi = args.original_sides
+    if not 16 <= lo <= hi:
+        raise ValueError(f"--original-sides must be LOW HIGH with 16 <= LOW <= HIGH, got {lo} {hi}")
+    if args.max_margin < 0:
+        raise ValueError(f"--max-margin must be >= 0, got {args.max_margin}")
     torch.set_num_threads(args.threads)
     vae = AutoencoderKL.load(args.vae).eval()
     tokenizer = CLIPTokenizer.from_vocab_file()
@@ -215,7 +221,7 @@ def prepare(args) -> None:
         if has_held_out_triple(attrs):
             index += 1
             continue
-        sample = sdxl_sample(world, index)
+        sample = sdxl_sample(world, index, original_sides=tuple(args.original_sides), max_margin=args.max_margin)
         picture = sample.image
         rng = random.Random(f"sdxl-{args.kind}:{seed}:{index}")
         if args.kind == "refiner" and rng.random() < args.degrade_prob:
@@ -246,7 +252,8 @@ def prepare(args) -> None:
                              "time_ids": torch.tensor(group["time_ids"], dtype=torch.float32),
                              "captions": group["captions"]}
     cache = {"buckets": buckets, "meta": {"kind": args.kind, "world_seed": seed, "n": args.n,
-                                          "vae": str(args.vae), "degrade_prob": args.degrade_prob}}
+                                          "vae": str(args.vae), "degrade_prob": args.degrade_prob,
+                                          "original_sides": list(args.original_sides), "max_margin": args.max_margin}}
     save_atomically(cache, Path(args.out))
     sizes = {k: v["latent_mean"].shape[0] for k, v in buckets.items()}
     print(f"wrote {args.out}: {args.kind} cache, {args.n} pictures by bucket {sizes}")
@@ -596,6 +603,20 @@ def _one_object(picture) -> bool:
 # Command line
 # --------------------------------------------------------------------------- #
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ministd.train.sdxl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -605,7 +626,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=_positive_int, default=20000)
     p.add_argument("--captions", type=_positive_int, default=2)
     p.add_argument("--seed", type=int, default=None, help="ShapesWorld seed (default: the kind's own)")
-    p.add_argument("--degrade-prob", type=float, default=0.6)
+    p.add_argument("--degrade-prob", type=_probability, default=0.6)
+    p.add_argument("--original-sides", type=_positive_int, nargs=2, default=[32, 128], metavar=("LOW", "HIGH"),
+                   help="range of the scenes' original sides in pixels (sdxl_sample)")
+    p.add_argument("--max-margin", type=int, default=32, help="widest extra view of square pictures (sdxl_sample)")
     p.add_argument("--vae", default=str(DATA / "shapes_vae.safetensors"))
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--threads", type=_positive_int, default=1)
@@ -616,16 +640,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--init-from", default=str(DATA / "shapes_unet.safetensors"),
                    help="weights to start from: an SD-type .safetensors (see warm_start), an earlier "
                         "phase's last.pt (its weights and EMA, a fresh optimiser), or '' for a fresh U-Net")
-    t.add_argument("--added-lr-scale", type=float, default=1.0,
+    t.add_argument("--added-lr-scale", type=_positive_float, default=1.0,
                    help="learning-rate factor for the added (pooled text + time ids) embedding")
     t.add_argument("--steps", type=_positive_int, default=6000)
     t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr", type=_positive_float, default=2e-4)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--uncond-prob", type=float, default=0.1)
+    t.add_argument("--uncond-prob", type=_probability, default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=_positive_int, default=100)
     t.add_argument("--stop-after", type=int, default=None)
