@@ -207,6 +207,16 @@ def test_effect_measures_on_ground_truth():
     assert X.wholly_in_frame(centre)
     cut = np.asarray(_render("a large red circle at the top left on a blue background").crop((16, 16, 80, 80)))
     assert not X.wholly_in_frame(cut)
+    # stray object pixels on the outermost ring: up to FRAME_TOLERANCE (3) are the VAE's border
+    # artefacts, one more is a cut; a second ring in from the edge does not count
+    for stray, in_frame in ((3, True), (4, False)):
+        speckled = centre.copy()
+        speckled[0, 20:20 + stray] = PALETTE["red"]
+        assert X.wholly_in_frame(speckled) == in_frame, stray
+        assert not X.wholly_in_frame(speckled, tolerance=0)
+    inner = centre.copy()
+    inner[1, 20:40] = PALETTE["red"]
+    assert X.wholly_in_frame(inner, tolerance=0)
     # the same picture moved 6 pixels right and 4 down (background colour filled in)
     moved = np.full_like(centre, PALETTE["blue"])
     moved[4:, 6:] = centre[:-4, :-6]

@@ -439,14 +439,24 @@ def object_centroid(picture) -> tuple[float, float] | None:
     return float(xs.mean()), float(ys.mean())
 
 
-def wholly_in_frame(picture) -> bool:
-    """Objects drawn, none touching the picture's edge: no object pixel on the 1-pixel border
-    (and more than 10 object pixels in all)."""
+# Object pixels the outermost ring may hold in a picture that is not cut by the frame. The
+# VAE's reconstructions of ground truth leave a few stray ones: on 96 held-out one-object
+# prompts, 95.8% of the reconstructions have none there, 97.9% at most 3 (the renders
+# themselves: 100% none); the same scenes cropped by 16 pixels are cut in 28% of them, each
+# of those with more than 3 object pixels on the ring. `effects` reports the reconstructions'
+# figure beside the model's.
+FRAME_TOLERANCE = 3
+
+
+def wholly_in_frame(picture, tolerance: int = FRAME_TOLERANCE) -> bool:
+    """Objects drawn, none cut by the picture's edge: at most ``tolerance`` object pixels
+    (``adherence.object_mask``) on the outermost pixel ring, and more than 10 in all."""
     from ministd.train.adherence import object_mask
 
     mask = object_mask(np.asarray(picture))
-    border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
-    return bool(mask.sum() > 10 and not border.any())
+    ring = mask.copy()
+    ring[1:-1, 1:-1] = False
+    return bool(mask.sum() > 10 and ring.sum() <= tolerance)
 
 
 def follows_prompt(picture, text: str) -> bool:
@@ -495,7 +505,7 @@ def effects(args) -> dict:
     import ministd
     from ministd.train.adherence import (ONE_OBJECT_FORMS, PAIR_FORMS, draws_colors, make_prompts,
                                          palette_share)
-    from ministd.data import ShapesWorld, parse_caption
+    from ministd.data import ShapesWorld, parse_caption, pil_to_tensor, tensor_to_pil
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -525,6 +535,12 @@ def effects(args) -> dict:
     cropped = pictures(base, crops_coords_top_left=(args.crop, args.crop))
     world = ShapesWorld()
     truth = [np.asarray(world.render(t, seed=s)[0]) for t, s in zip(texts, seeds)]
+
+    def through_vae(arrays):
+        """Ground truth as the VAE hands it back: the best any model on these latents can draw."""
+        with torch.no_grad():
+            x = pil_to_tensor([Image.fromarray(a) for a in arrays])
+            return [np.asarray(im) for im in tensor_to_pil(base.vae.decode(base.vae.encode(x).mean).clamp(-1, 1))]
     shifts = [(np.subtract(b, a) if a is not None and b is not None else None)
               for a, b in zip(map(object_centroid, plain), map(object_centroid, cropped))]
     shifts = [s for s in shifts if s is not None]
@@ -532,6 +548,7 @@ def effects(args) -> dict:
                       "wholly_in_frame_at_0": float(np.mean([wholly_in_frame(p) for p in plain])),
                       "wholly_in_frame_at_crop": float(np.mean([wholly_in_frame(p) for p in cropped])),
                       "wholly_in_frame_truth": float(np.mean([wholly_in_frame(p) for p in truth])),
+                      "wholly_in_frame_truth_through_vae": float(np.mean([wholly_in_frame(p) for p in through_vae(truth)])),
                       "mean_shift_x": float(np.mean([s[0] for s in shifts])),
                       "mean_shift_y": float(np.mean([s[1] for s in shifts])), "pairs": len(shifts),
                       "training_data_shift": data_crop_shift(n=args.data_samples, crop=args.crop)}
@@ -546,7 +563,10 @@ def effects(args) -> dict:
                       "sharpness_original_64": _mean(map(edge_sharpness, plain)),
                       "sharpness_original_128": _mean(map(edge_sharpness, large)),
                       "truth_sharpness_32_upscaled": _mean(map(edge_sharpness, up)),
-                      "truth_sharpness_128_downscaled": _mean(map(edge_sharpness, down))}
+                      "truth_sharpness_128_downscaled": _mean(map(edge_sharpness, down)),
+                      # the VAE's round trip flattens sharpness: these are the figures a model can reach
+                      "truth_through_vae_sharpness_32_upscaled": _mean(map(edge_sharpness, through_vae(up))),
+                      "truth_through_vae_sharpness_128_downscaled": _mean(map(edge_sharpness, through_vae(down)))}
     # 3. aspect buckets (height, width), against the square pictures and the SD-type model
     report["buckets"] = {}
     square_sd = pictures(sd, guidance_scale=5.0)
