@@ -155,6 +155,21 @@ def test_batches_hold_one_bucket_and_the_refiners_noise_is_low(caches):
         assert torch.equal(again[0], latents) and torch.equal(again[4], t)
 
 
+def test_crop_reliance_is_zero_for_a_crop_blind_unet_and_not_for_one_that_reads_crops(caches):
+    cache = torch.load(caches / "base.pt", weights_only=False)
+    encoders = X.load_encoders("base")
+    unet = UNet(X.xl_config("base"))
+    unet.load_state_dict(start_weights())          # warm start: the added embedding's output is zero
+    blind = X.crop_reliance(unet, encoders, cache, timesteps=(900,))
+    assert blind[900]["shuffled_minus_true"] == 0.0 and blind[900]["x0_mse"] > 0
+    torch.manual_seed(0)
+    torch.nn.init.normal_(unet.add_embedding.linear_2.weight, std=0.5)    # now the time ids move every block
+    reading = X.crop_reliance(unet, encoders, cache, timesteps=(800, 900))
+    # only the crops are shuffled (the bucket's target size is the same for all): a nonzero gap
+    assert all(abs(r["shuffled_minus_true"]) > 1e-4 for r in reading.values()), reading
+    assert unet.training                                                   # left as it was found
+
+
 @pytest.mark.slow
 def test_training_resumes_exactly_and_exports(caches, tmp_path):
     """Stopped after step 2 and rerun, a run ends where an uninterrupted one does (bit for bit:
