@@ -421,10 +421,10 @@ def crop_reliance(unet: UNet, encoders: list, cache: dict, n: int = 64, timestep
     out = {}
     for t in timesteps:
         abar = schedule.alphas_cumprod[t].item()
-        x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
         step = torch.full((len(idx),), t, device=device)
-        err = [((unet(x_t, step, states, added_cond={"text_embeds": pooled, "time_ids": ids}) - noise) ** 2).mean().item()
-               * (1 - abar) / abar for ids in (true_ids, shuffled)]
+        err = [diffusion_loss(unet, x0, schedule, t=step, noise=noise, encoder_hidden_states=states,
+                              added_cond={"text_embeds": pooled, "time_ids": ids}).item() * (1 - abar) / abar
+               for ids in (true_ids, shuffled)]
         out[t] = {"x0_mse": err[0], "shuffled_minus_true": err[1] - err[0]}
     unet.train(was_training)
     return out
