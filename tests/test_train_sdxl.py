@@ -122,8 +122,8 @@ def test_prepare_groups_by_bucket_with_time_ids(caches):
         assert bucket["latent_mean"].shape[1:] == (4, h // 4, w // 4)
         ids = bucket["time_ids"]
         assert ids.shape[1] == 6 and (ids[:, 4] == h).all() and (ids[:, 5] == w).all()
-        # original sizes: a scene of 32-128 pixels, or the canvas it was widened to (square bucket)
-        assert (ids[:, :2].min(1).values >= 32).all() and (ids[:, :2] <= 192).all() and (ids[:, 2:4] >= 0).all()
+        # original sizes: a scene of 16-128 pixels (the default), or the canvas it was widened to (square bucket)
+        assert (ids[:, :2].min(1).values >= 16).all() and (ids[:, :2] <= 192).all() and (ids[:, 2:4] >= 0).all()
     refiner = torch.load(caches / "refiner.pt", weights_only=False)
     scores = torch.cat([b["time_ids"][:, 4] for b in refiner["buckets"].values()])
     assert scores.max() <= 6.0 and scores.min() < 5.0          # a range of quality (degraded ones)
@@ -155,6 +155,65 @@ def test_batches_hold_one_bucket_and_the_refiners_noise_is_low(caches):
         assert torch.equal(again[0], latents) and torch.equal(again[4], t)
 
 
+def test_a_high_noise_share_redraws_only_the_first_timesteps_of_each_batch(caches):
+    import argparse
+
+    cache = torch.load(caches / "base.pt", weights_only=False)
+    plain = argparse.Namespace(seed=0, batch_size=8, kind="base", uncond_prob=0.1)   # as older runs had it
+    off = argparse.Namespace(**vars(plain), high_noise_share=0.0, high_noise_from=850)
+    share = argparse.Namespace(**vars(plain), high_noise_share=0.5, high_noise_from=900)
+    highs = []
+    for step in range(12):
+        a, b, c = (X.draw_batch(cache, step, args) for args in (plain, off, share))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))             # share 0: the very same batches
+        assert all(torch.equal(x, y) for i, (x, y) in enumerate(zip(a, c)) if i != 4)
+        assert torch.equal(a[4][4:], c[4][4:]) and (c[4][:4] >= 900).all() and (c[4][:4] < 1000).all()
+        highs.append(a[4][:4])
+    assert (torch.cat(highs) < 900).any()          # without the share those places were drawn from all of [0, 1000)
+
+
+def test_layout_weights_make_the_epsilon_loss_the_x0_loss_at_high_noise():
+    from ministd.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, noise, guess = (torch.randn(5, 4, 6, 6, generator=g) for _ in range(3))
+    t = torch.tensor([10, 300, 600, 900, 990])
+
+    def model(x_t, timesteps, **kwargs):          # any fixed epsilon prediction will do
+        assert set(kwargs) == {"encoder_hidden_states", "added_cond"}
+        return guess
+
+    abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x0_guess = (x_t - (1 - abar).sqrt() * guess) / abar.sqrt()      # the prediction's implied x0
+    x0_mse = ((x0_guess - x0) ** 2).flatten(1).mean(1)
+    eps_mse = ((guess - noise) ** 2).flatten(1).mean(1)
+    states, pooled, ids = torch.zeros(5, 77, 320), torch.zeros(5, 192), torch.zeros(5, 6)
+
+    def loss(cap):
+        return X.training_loss(model, x0, schedule, t, noise, states, pooled, ids, cap)
+
+    torch.testing.assert_close(loss(0.0), eps_mse.mean(), rtol=1e-6, atol=0)            # plain epsilon loss
+    # uncapped: the x0 error wherever 1 / SNR >= 1 (t >= 600 here), the epsilon error below (t <= 300)
+    low = (1 - abar.flatten()) / abar.flatten() < 1
+    assert low.tolist() == [True, True, False, False, False]
+    torch.testing.assert_close(loss(1e9), torch.where(low, eps_mse, x0_mse).mean(), rtol=1e-5, atol=0)
+    capped = torch.where(low, eps_mse, torch.minimum(x0_mse, 20 * eps_mse))
+    torch.testing.assert_close(loss(20.0), capped.mean(), rtol=1e-5, atol=0)
+    assert X.layout_weights(schedule, t, 20.0).tolist()[-2:] == [20.0, 20.0]
+
+
+def test_warm_start_from_an_sdxl_type_unet_keeps_its_added_embedding():
+    torch.manual_seed(0)
+    trained = UNet(X.xl_config("base"))
+    torch.nn.init.normal_(trained.add_embedding.linear_2.weight, std=0.5)
+    fresh = UNet(X.xl_config("base"))
+    counts = X.warm_start(fresh, trained.state_dict())
+    assert counts["fresh"] == counts["widened"] == 0
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
 def test_crop_reliance_is_zero_for_a_crop_blind_unet_and_not_for_one_that_reads_crops(caches):
     cache = torch.load(caches / "base.pt", weights_only=False)
     encoders = X.load_encoders("base")
@@ -182,6 +241,14 @@ def test_training_resumes_exactly_and_exports(caches, tmp_path):
         X.main(_train_args(caches, "base", tmp_path / "resumed"))
         with pytest.raises(SystemExit, match="other settings"):
             X.main(_train_args(caches, "base", tmp_path / "resumed", "--seed", "1"))
+        # a checkpoint written before the recipe settings existed resumes as the plain recipe, only
+        written = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+        for key in X.LATER_DEFAULTS:
+            del written["args"][key]
+        torch.save(written, tmp_path / "resumed" / "last.pt")
+        X.main(_train_args(caches, "base", tmp_path / "resumed"))
+        with pytest.raises(SystemExit, match="other settings"):
+            X.main(_train_args(caches, "base", tmp_path / "resumed", "--x0-weight-cap", "20"))
     finally:
         torch.set_num_threads(threads)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
@@ -246,6 +313,28 @@ def test_effect_measures_on_ground_truth():
     assert not X.follows_prompt(centre, "a green circle") and not X.follows_prompt(centre, "a red circle, yellow background")
 
 
+def test_only_a_small_original_stays_soft_through_the_vae():
+    """Why size conditioning is measured at SMALL_ORIGINAL (16) against 128: the VAE's round
+    trip keeps the softness of a 16-pixel original enlarged, but not of a 32-pixel one."""
+    from ministd.data import pil_to_tensor, tensor_to_pil
+    from ministd.vae import AutoencoderKL
+
+    vae = AutoencoderKL.load(X.DATA / "shapes_vae.safetensors").eval()
+    captions = ["a large red circle in the center on a blue background", "a huge yellow square on a black background",
+                "a medium green triangle at the top left on a white background", "a big purple disc at the bottom"]
+
+    def through_vae(side):
+        pictures = [_render(c, seed=k, size=side).resize((64, 64), Image.Resampling.BICUBIC) for k, c in enumerate(captions)]
+        with torch.no_grad():
+            out = tensor_to_pil(vae.decode(vae.encode(pil_to_tensor(pictures)).mean).clamp(-1, 1))
+        return np.mean([X.edge_sharpness(p) for p in out]), np.mean([X.edge_sharpness(p) for p in pictures])
+
+    (small, small_raw), (mid, mid_raw), (large, large_raw) = through_vae(X.SMALL_ORIGINAL), through_vae(32), through_vae(128)
+    assert small_raw < mid_raw < 0.8 * large_raw         # raw: each enlargement is softer
+    assert small < 0.92 * large                          # through the VAE a 16-pixel original still is
+    assert abs(mid - large) < 0.05 * large, (mid, large)  # a 32-pixel one no longer is
+
+
 def test_the_training_data_moves_objects_with_the_crop():
     shift = X.data_crop_shift(n=3000, crop=16, window=3)
     assert min(shift["samples"]) > 20
@@ -257,6 +346,7 @@ def test_the_training_data_moves_objects_with_the_crop():
     (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--uncond-prob", "-0.1"], "must be a probability"),
     (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--added-lr-scale", "0"], "must be a finite number > 0"),
     (["train", "--kind", "turbo", "--cache", "c.pt", "--out", "o"], "invalid choice: 'turbo'"),
+    (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--high-noise-share", "1.5"], "must be a probability"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -270,3 +360,16 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
 def test_bad_sample_recipe_is_refused_before_the_vae_loads(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         X.main(["prepare", "--kind", "base", "--out", str(tmp_path / "c.pt"), "--vae", str(tmp_path / "none"), *extra])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--x0-weight-cap", "0.5"], "--x0-weight-cap must be 0 .* or a finite number >= 1"),
+    (["--x0-weight-cap", "inf"], "--x0-weight-cap must be"),
+    (["--high-noise-from", "1000"], r"--high-noise-from must be a timestep in \[0, 999\]"),
+    (["--high-noise-from", "-1"], "--high-noise-from must be"),
+    (["--kind", "refiner", "--high-noise-share", "0.5"], "--high-noise-share is for the base"),
+])
+def test_bad_training_recipe_is_refused_before_the_cache_loads(extra, message, tmp_path):
+    argv = ["train", "--kind", "base", "--cache", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(ValueError, match=message):        # not FileNotFoundError: nothing was read yet
+        X.main(argv)
