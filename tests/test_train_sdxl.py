@@ -214,6 +214,37 @@ def test_warm_start_from_an_sdxl_type_unet_keeps_its_added_embedding():
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
 
 
+@torch.no_grad()
+def test_a_refiner_warm_started_from_the_base_computes_the_base_on_the_wide_encoder():
+    """Narrowed from a random SDXL-type base whose target-size columns are zeroed (so that
+    the ids the two U-Nets do not share cannot matter), the refiner given the wide encoder's
+    states and (h, w, top, left, any score) equals the base given [zeros | those states] and
+    the same four ids (float32; atol 1e-5). Taking any other 192 of the 320 columns, or other
+    id columns, fails this."""
+    torch.manual_seed(0)
+    base = UNet(X.xl_config("base")).eval()
+    for module in base.modules():       # every weight random, so a wrong column shows
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    source = {k: v.clone() for k, v in base.state_dict().items()}
+    d = X.ADDITION_TIME_EMBED_DIM
+    source["add_embedding.linear_1.weight"][:, 192 + 4 * d:] = 0
+    base.load_state_dict(source)
+    refiner = UNet(X.xl_config("refiner")).eval()
+    counts = X.warm_start(refiner, source)
+    assert counts["narrowed"] == 2 * 10 + 1 and counts["fresh"] == 0
+    g = torch.Generator().manual_seed(1)
+    x, wide = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 192, generator=g)
+    pooled, t = torch.randn(2, 192, generator=g), torch.tensor([30, 150])
+    ids = torch.tensor([[64.0, 64, 8, 0], [128.0, 96, 0, 16]])
+    expected = base(x, t, torch.cat([torch.zeros(2, 77, 128), wide], dim=-1),
+                    added_cond={"text_embeds": pooled, "time_ids": torch.cat([ids, torch.full((2, 2), 64.0)], 1)})
+    for score in (2.5, 6.0):
+        got = refiner(x, t, wide, added_cond={"text_embeds": pooled,
+                                              "time_ids": torch.cat([ids, torch.full((2, 1), score)], 1)})
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_crop_reliance_is_zero_for_a_crop_blind_unet_and_not_for_one_that_reads_crops(caches):
     cache = torch.load(caches / "base.pt", weights_only=False)
     encoders = X.load_encoders("base")

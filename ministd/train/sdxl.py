@@ -169,10 +169,18 @@ def warm_start(unet: UNet, source: dict[str, torch.Tensor]) -> dict[str, int]:
     encoder is the old one (base; the refiner's stay as initialised); the added embedding's
     last layer is zeroed, so the new inputs start with no effect. A source that is itself an
     SDXL-type U-Net of this shape (it has an added embedding) is copied whole, its added
-    embedding included, so a run can go on from weights exported by an earlier one. Returns counts.
+    embedding included, so a run can go on from weights exported by an earlier one.
+
+    A refiner may also start from the SDXL-type base ("narrowed"): its ``to_k`` / ``to_v``
+    [C, 192] take the base's columns that read the wide encoder (the last 192 of 320, the
+    order of ``ENCODERS``), and its added embedding's first layer takes the base's columns
+    for the pooled text and the four ids both share (original size, crop); the score's
+    columns, where the base reads the target size, start at zero. Returns counts.
     """
     state = unet.state_dict()
-    counts = {"copied": 0, "widened": 0, "fresh": 0}
+    counts = {"copied": 0, "widened": 0, "narrowed": 0, "fresh": 0}
+    wide, ids = 192, ADDITION_TIME_EMBED_DIM
+    shared = wide + 4 * ids                       # pooled text + (h, w, top, left) features
     for key, value in state.items():
         old = source.get(key)
         if old is not None and old.shape == value.shape:
@@ -183,6 +191,15 @@ def warm_start(unet: UNet, source: dict[str, torch.Tensor]) -> dict[str, int]:
             value.zero_()
             value[:, :128] = old
             counts["widened"] += 1
+        elif (old is not None and old.dim() == 2 and value.shape[0] == old.shape[0]
+              and value.shape[1] == wide and old.shape[1] == 320):
+            value.copy_(old[:, 320 - wide:])
+            counts["narrowed"] += 1
+        elif (key == "add_embedding.linear_1.weight" and old is not None and value.shape[0] == old.shape[0]
+              and value.shape[1] == wide + TIME_IDS["refiner"] * ids and old.shape[1] == wide + TIME_IDS["base"] * ids):
+            value.zero_()
+            value[:, :shared] = old[:, :shared]
+            counts["narrowed"] += 1
         else:
             counts["fresh"] += 1
     if not any(key.startswith("add_embedding.") for key in source):
@@ -625,7 +642,7 @@ def effects(args) -> dict:
     (their DDIM, 20 steps, guidance 5.0), each prompt with its own seed; printed and, with
     ``--json``, written. See chapter 13 / 14 for what each figure means."""
     import ministd
-    from ministd.train.adherence import (ONE_OBJECT_FORMS, PAIR_FORMS, draws_colors, make_prompts,
+    from ministd.train.adherence import (ONE_OBJECT_FORMS, PAIR_FORMS, draws_colors, is_broken, make_prompts,
                                          palette_share)
     from ministd.data import ShapesWorld, parse_caption, pil_to_tensor, tensor_to_pil
 
@@ -655,6 +672,7 @@ def effects(args) -> dict:
     # 1. crop conditioning
     plain = pictures(base)
     cropped = pictures(base, crops_coords_top_left=(args.crop, args.crop))
+    square_sd = pictures(sd, guidance_scale=5.0)    # trained on whole scenes only: placement without crops
     world = ShapesWorld()
     truth = [np.asarray(world.render(t, seed=s)[0]) for t, s in zip(texts, seeds)]
 
@@ -671,6 +689,7 @@ def effects(args) -> dict:
                       "wholly_in_frame_at_crop": float(np.mean([wholly_in_frame(p) for p in cropped])),
                       "wholly_in_frame_truth": float(np.mean([wholly_in_frame(p) for p in truth])),
                       "wholly_in_frame_truth_through_vae": float(np.mean([wholly_in_frame(p) for p in through_vae(truth)])),
+                      "wholly_in_frame_sd_type": float(np.mean([wholly_in_frame(p) for p in square_sd])),
                       "mean_shift_x": float(np.mean([s[0] for s in shifts])),
                       "mean_shift_y": float(np.mean([s[1] for s in shifts])), "pairs": len(shifts),
                       "training_data_shift": data_crop_shift(n=args.data_samples, crop=args.crop)}
@@ -691,7 +710,6 @@ def effects(args) -> dict:
                       "truth_through_vae_sharpness_128_downscaled": _mean(map(edge_sharpness, through_vae(down)))}
     # 3. aspect buckets (height, width), against the square pictures and the SD-type model
     report["buckets"] = {}
-    square_sd = pictures(sd, guidance_scale=5.0)
     for (h, w), pics in (((64, 64), plain), ((48, 80), pictures(base, 48, 80)), ((80, 48), pictures(base, 80, 48))):
         report["buckets"][f"{h}x{w}"] = {"size_ok": all(p.shape[:2] == (h, w) for p in pics),
                                          "follows_prompt": float(np.mean([follows_prompt(p, t) for p, t in zip(pics, texts)])),
@@ -719,11 +737,21 @@ def effects(args) -> dict:
             out += [np.asarray(im) for im in result.images]
         refined[score] = out
     alone = plain
+
+    def intact_palette(pics):
+        """Palette share over the pictures the base did not break (its layout is fixed by the
+        hand-off, so a broken picture stays broken): what the last steps can still clean."""
+        return _mean(palette_share(p) for p, b in zip(pics, alone) if not is_broken(b))
     report["refiner"] = {"handoff": args.handoff,
                          "palette_base_alone": _mean(map(palette_share, alone)),
                          "palette_truth": _mean(map(palette_share, truth)),
+                         "palette_truth_through_vae": _mean(map(palette_share, through_vae(truth))),
                          "quality_base_alone": _mean(map(quality_score, alone)),
+                         "broken_base_alone": int(sum(map(is_broken, alone))),
+                         "palette_intact_base_alone": intact_palette(alone),
                          "by_aesthetic_score": {str(s): {"palette": _mean(map(palette_share, pics)),
+                                                         "palette_intact": intact_palette(pics),
+                                                         "broken": int(sum(map(is_broken, pics))),
                                                          "quality": _mean(map(quality_score, pics)),
                                                          "follows_prompt": float(np.mean([follows_prompt(p, t) for p, t in zip(pics, texts)]))}
                                                 for s, pics in refined.items()},
