@@ -52,14 +52,15 @@ embedding 2e-3) took it to 0.031, and the mean object shift between crops (0, 0)
 (32, 32) on 32 held-out prompts from (-4.5, -3.1) to (-7.5, -7.4) pixels at step 4,250.
 
 The refiner's score is slow to learn for the same reason as the crops: its columns of the
-added embedding start at zero (:func:`warm_start`), and at the base learning rate they stay
-near it. Measured on an 8,000-picture refiner cache, warm-started from the base, batch 32,
-lr 1e-4: after 3,000 steps with ``--added-lr-scale 1`` the refiner's x0 error on clean
-held-out latents was the same at scores 2.5 and 6.0 (0.0008 at t = 20, 0.0037 at t = 180)
-and its pictures' quality score moved by 0.001 between them; 2,500 further steps with
+added embedding start at zero (:func:`warm_start`), and at the U-Net's own learning rate
+they stay near it. Measured on an 8,000-picture refiner cache, warm-started from the base,
+batch 32, lr 1e-4 (x0 errors on 64 clean held-out latents, by a one-off script; quality
+and palette share by ``effects``): after 3,000 steps with ``--added-lr-scale 1`` the x0
+error was the same at scores 2.5 and 6.0 (0.0008 at t = 20, 0.0037 at t = 180) and the
+refined pictures' quality score moved by 0.001 between them; 2,500 further steps with
 ``--added-lr-scale 20`` made the two differ (t = 20: 0.0007 at 6.0 against 0.0008 at 2.5;
-t = 180: 0.0033 against 0.0041) and the refined pictures' quality 4.95 / 5.00 / 5.01 and
-palette share 96.9 / 97.1 / 97.3% at scores 2.5 / 4.0 / 6.0 (64 held-out prompts).
+t = 180: 0.0033 against 0.0041), and the refined pictures' quality came out 4.95 / 5.00 /
+5.01 and their palette share 96.9 / 97.1 / 97.3% at scores 2.5 / 4.0 / 6.0 (64 prompts).
 """
 
 from __future__ import annotations
