@@ -500,7 +500,8 @@ class SDXLSample:
 
 
 def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None = None,
-                original_sides: tuple[int, int] = (32, 128), max_margin: int = 32) -> SDXLSample:
+                original_sides: tuple[int, int] = (32, 128), max_margin: int = 32,
+                zero_margin_prob: float = 0.0) -> SDXLSample:
     """Sample ``index`` of ``world`` as SDXL's data pipeline would hand it over (deterministic).
 
     1. The scene is drawn at a random original side in ``original_sides`` (inclusive).
@@ -515,7 +516,11 @@ def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None =
        original size records that canvas, and the crop is taken from it. Cropping
        ``c`` pixels from the top then moves every object exactly ``c`` pixels up (and
        cuts what was within ``c`` of the top edge), and a crop of (0, 0) shows the
-       whole scene: the two facts crop conditioning should learn.
+       whole scene: the two facts crop conditioning should learn. Each axis's margin is 0
+       with probability ``zero_margin_prob`` (else drawn as above), so that uncut views,
+       rare when both margins are uniform, are common, as in SDXL's own data, where most
+       pictures are cropped along one axis at most. At 0 (the default) no extra random
+       number is drawn: the samples are those of earlier caches.
     """
     rng = random.Random(f"shapesworld-sdxl:{world.seed}:{index}")
     if bucket is None:
@@ -526,13 +531,18 @@ def sdxl_sample(world: ShapesWorld, index: int, bucket: tuple[int, int] | None =
         raise ValueError(f"original_sides must be (low, high) with 16 <= low <= high, got {original_sides!r}")
     if isinstance(max_margin, bool) or not isinstance(max_margin, int) or max_margin < 0:
         raise ValueError(f"max_margin must be an integer >= 0, got {max_margin!r}")
+    if isinstance(zero_margin_prob, bool) or not isinstance(zero_margin_prob, (int, float)) \
+            or not 0.0 <= zero_margin_prob <= 1.0:
+        raise ValueError(f"zero_margin_prob must be a probability in [0, 1], got {zero_margin_prob!r}")
     attrs, jitter, caption_rng = world.attributes(index)
     caption, _ = write_caption(attrs, caption_rng, complete=world.complete_captions)
     side = rng.randint(lo, hi)
     fit = max(height, width)                    # the square's side once its short side fits
     picture = draw_scene(attrs, side, jitter)
     if height == width:
-        extra = [round(rng.randint(0, max_margin) * side / fit) for _ in range(2)]   # in original pixels
+        margins = [0 if zero_margin_prob > 0 and rng.random() < zero_margin_prob else rng.randint(0, max_margin)
+                   for _ in range(2)]
+        extra = [round(m * side / fit) for m in margins]   # in original pixels
         canvas = Image.new("RGB", (side + extra[1], side + extra[0]), PALETTE[attrs["background"]])
         canvas.paste(picture, (0, 0))
         picture = canvas

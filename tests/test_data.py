@@ -252,3 +252,29 @@ def test_sdxl_sample_arguments_are_checked():
         sdxl_sample(ShapesWorld(), 0, original_sides=(64, 32))
     with pytest.raises(ValueError, match="max_margin must be an integer >= 0"):
         sdxl_sample(ShapesWorld(), 0, max_margin=-1)
+    with pytest.raises(ValueError, match="zero_margin_prob must be a probability"):
+        sdxl_sample(ShapesWorld(), 0, zero_margin_prob=1.5)
+    with pytest.raises(ValueError, match="zero_margin_prob must be a probability"):
+        sdxl_sample(ShapesWorld(), 0, zero_margin_prob=None)
+
+
+def test_zero_margins_make_uncut_views_common_and_leave_the_default_samples_alone():
+    """With zero_margin_prob = p each axis of a square picture is uncut with probability
+    about p + (1 - p) / 33 (a uniform margin of 0..32 is 0 one time in 33), both axes about
+    its square; at p = 0 the samples are byte for byte those drawn without the argument, and
+    at p = 1 every square picture is the whole scene."""
+    from ministd.data import sdxl_sample
+
+    world = ShapesWorld(seed=3)
+    crops = [sdxl_sample(world, i, bucket=(64, 64), zero_margin_prob=0.5).crops_coords_top_left for i in range(400)]
+    one_axis = np.mean([c[0] == 0 for c in crops] + [c[1] == 0 for c in crops])
+    both = np.mean([c == (0, 0) for c in crops])
+    expected = 0.5 + 0.5 / 33
+    assert abs(one_axis - expected) < 0.06 and abs(both - expected ** 2) < 0.07
+    uniform = [sdxl_sample(world, i, bucket=(64, 64)).crops_coords_top_left for i in range(400)]
+    assert np.mean([c == (0, 0) for c in uniform]) < 0.02
+    for i in range(5):
+        a, b = sdxl_sample(world, i), sdxl_sample(world, i, zero_margin_prob=0.0)
+        assert a.image.tobytes() == b.image.tobytes() and a.crops_coords_top_left == b.crops_coords_top_left
+        whole = sdxl_sample(world, i, bucket=(64, 64), zero_margin_prob=1.0)
+        assert whole.crops_coords_top_left == (0, 0) and whole.original_size[0] == whole.original_size[1]

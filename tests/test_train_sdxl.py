@@ -172,6 +172,42 @@ def test_a_high_noise_share_redraws_only_the_first_timesteps_of_each_batch(cache
     assert (torch.cat(highs) < 900).any()          # without the share those places were drawn from all of [0, 1000)
 
 
+def test_a_timestep_range_bounds_the_draws_and_its_default_keeps_the_old_batches(caches):
+    import argparse
+
+    cache = torch.load(caches / "base.pt", weights_only=False)
+    plain = argparse.Namespace(seed=0, batch_size=8, kind="base", uncond_prob=0.1)   # as older runs had it
+    full = argparse.Namespace(**vars(plain), timesteps=[0, 1000])
+    low = argparse.Namespace(**vars(plain), timesteps=[20, 400])
+    drawn = []
+    for step in range(12):
+        a, b, c = (X.draw_batch(cache, step, args) for args in (plain, full, low))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert all(torch.equal(x, y) for i, (x, y) in enumerate(zip(a, c)) if i != 4)
+        drawn.append(c[4])
+    drawn = torch.cat(drawn)
+    assert drawn.min() >= 20 and drawn.max() < 400 and len(drawn.unique()) > 50
+
+
+def test_a_conditioning_phase_moves_only_the_conditioning_weights(caches, tmp_path):
+    """--trainable conditioning starts from the earlier run's EMA and trains only the added
+    embedding and the time projections: every other weight ends exactly where it started."""
+    threads = torch.get_num_threads()
+    try:
+        X.main(_train_args(caches, "base", tmp_path / "first", "--steps", "1"))
+        X.main(["train", "--kind", "base", "--cache", str(caches / "base.pt"), "--out", str(tmp_path / "size"),
+                "--init-from", str(tmp_path / "first" / "last.pt"), "--trainable", "conditioning",
+                "--timesteps", "20", "400", "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    before = torch.load(tmp_path / "first" / "last.pt", weights_only=False)["ema"]
+    after = torch.load(tmp_path / "size" / "last.pt", weights_only=False)
+    moved = {k for k, v in after["unet"].items() if not torch.equal(v, before[k])}
+    assert moved and all(X.conditioning_parameter(k) for k in moved)
+    assert any(k.startswith("add_embedding.") for k in moved) and any(".time_emb_proj." in k for k in moved)
+    assert all(torch.equal(v, before[k]) for k, v in after["ema"].items() if not X.conditioning_parameter(k))
+
+
 def test_layout_weights_make_the_epsilon_loss_the_x0_loss_at_high_noise():
     from ministd.schedules import NoiseSchedule
 
@@ -399,6 +435,10 @@ def test_bad_sample_recipe_is_refused_before_the_vae_loads(extra, message, tmp_p
     (["--high-noise-from", "1000"], r"--high-noise-from must be a timestep in \[0, 999\]"),
     (["--high-noise-from", "-1"], "--high-noise-from must be"),
     (["--kind", "refiner", "--high-noise-share", "0.5"], "--high-noise-share is for the base"),
+    (["--timesteps", "500", "400"], "--timesteps must be LOW HIGH with 0 <= LOW < HIGH <= 1000"),
+    (["--timesteps", "0", "1001"], "--timesteps must be LOW HIGH"),
+    (["--kind", "refiner", "--timesteps", "300", "400"], "--timesteps LOW must be below 200 for the refiner"),
+    (["--high-noise-share", "0.5", "--timesteps", "0", "400"], "leave --timesteps HIGH at 1000"),
 ])
 def test_bad_training_recipe_is_refused_before_the_cache_loads(extra, message, tmp_path):
     argv = ["train", "--kind", "base", "--cache", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"), *extra]
