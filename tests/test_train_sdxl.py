@@ -414,6 +414,8 @@ def test_the_training_data_moves_objects_with_the_crop():
     (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--added-lr-scale", "0"], "must be a finite number > 0"),
     (["train", "--kind", "turbo", "--cache", "c.pt", "--out", "o"], "invalid choice: 'turbo'"),
     (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--high-noise-share", "1.5"], "must be a probability"),
+    (["train", "--kind", "base", "--cache", "c.pt", "--out", "o", "--trainable", "unet"], "invalid choice: 'unet'"),
+    (["prepare", "--kind", "base", "--out", "x.pt", "--zero-margin-prob", "2"], "must be a probability in [0, 1]"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
