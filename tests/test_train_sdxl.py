@@ -380,6 +380,18 @@ def test_effect_measures_on_ground_truth():
     assert not X.follows_prompt(centre, "a green circle") and not X.follows_prompt(centre, "a red circle, yellow background")
 
 
+def test_the_softer_share_counts_pairs_whose_first_picture_is_softer():
+    captions = ["a large red circle in the center on a blue background", "a huge yellow square on a black background",
+                "a medium green triangle at the top left on a white background", "a big purple disc at the bottom"]
+    soft = [_render(c, seed=k, size=16).resize((64, 64), Image.Resampling.BICUBIC) for k, c in enumerate(captions)]
+    sharp = [_render(c, seed=k, size=128).resize((64, 64), Image.Resampling.BICUBIC) for k, c in enumerate(captions)]
+    assert X.softer_share(soft, sharp) == 1.0 and X.softer_share(sharp, soft) == 0.0
+    assert X.softer_share(soft, soft) == 0.0                        # a tie is not softer
+    assert X.softer_share(soft[:2] + sharp[2:], sharp[:2] + soft[2:]) == 0.5
+    with pytest.raises(ValueError, match="soft and sharp must be equally long"):
+        X.softer_share(soft, sharp[:3])
+
+
 def test_only_a_small_original_stays_soft_through_the_vae():
     """Why size conditioning is measured at SMALL_ORIGINAL (16) against 128: the VAE's round
     trip keeps the softness of a 16-pixel original enlarged, but not of a 32-pixel one."""

@@ -82,6 +82,15 @@ one-off script doing so (paired cache of the same scenes at original sides 16-20
 100-128, batch 32, no EMA) moved the embeddings 0.7-1.4 apart, but the pictures' edge
 sharpness at original_size 16 against 128 (64 prompts) only to 264 vs 272 after 600 steps at
 lr 1e-3 and 270 vs 272 after 1,200 at 2e-3, against 245 vs 290 for ground truth through the VAE.
+
+SDXL's negative micro-conditioning does show what the ids hold: with the other size as the
+negative branch's (``negative_original_size`` with ``negative_target_size``), guidance
+multiplies the small difference. On the zero-margin run's step-4,000 EMA (``effects``, 64
+prompts): original_size 16 against 128 gave sharpness 282.8 vs 283.0 and the 16 softer in
+52% of the pairs; with each other's size as the negative, 276.3 vs 288.8 and softer in 92%
+(ground truth through the VAE: 245 vs 290, 100%). A negative crop does not help framing:
+positive (0, 0) against a negative crop of 16 or 32 pushed objects down and right, and
+wholly-in-frame fell from 73% to 67% / 64% (a one-off script, the same prompts).
 """
 
 from __future__ import annotations
@@ -691,6 +700,14 @@ def data_crop_shift(n: int = 20000, crop: int = 16, window: int = 2) -> dict:
     return {"dx": float(shift[0]), "dy": float(shift[1]), "samples": [len(near[0]), len(near[crop])]}
 
 
+def softer_share(soft, sharp) -> float:
+    """Share of paired pictures (same prompt, same seed) in which the one of ``soft`` has the
+    lower :func:`edge_sharpness`: a paired figure, not swayed by a few very sharp pictures."""
+    if len(soft) != len(sharp) or not soft:
+        raise ValueError(f"soft and sharp must be equally long, non-empty lists of pictures, got {len(soft)} and {len(sharp)}")
+    return float(np.mean([edge_sharpness(a) < edge_sharpness(b) for a, b in zip(soft, sharp)]))
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -755,18 +772,32 @@ def effects(args) -> dict:
     # 2. size conditioning, at the small original the VAE can still tell apart (SMALL_ORIGINAL)
     small = pictures(base, original_size=(SMALL_ORIGINAL, SMALL_ORIGINAL))
     large = pictures(base, original_size=(128, 128))
+    # With SDXL's negative micro-conditioning (diffusers' negative_original_size and
+    # negative_target_size, given together) guidance also pushes away from the other size, as
+    # it pushes away from the empty prompt: the size's effect is multiplied by guidance_scale.
+    small_neg = pictures(base, original_size=(SMALL_ORIGINAL, SMALL_ORIGINAL), negative_original_size=(128, 128),
+                         negative_target_size=(64, 64))
+    large_neg = pictures(base, original_size=(128, 128), negative_original_size=(SMALL_ORIGINAL, SMALL_ORIGINAL),
+                         negative_target_size=(64, 64))
     up = [np.asarray(ShapesWorld(size=SMALL_ORIGINAL).render(t, seed=s)[0].resize((64, 64), Image.Resampling.BICUBIC))
           for t, s in zip(texts, seeds)]
     down = [np.asarray(ShapesWorld(size=128).render(t, seed=s)[0].resize((64, 64), Image.Resampling.BICUBIC))
             for t, s in zip(texts, seeds)]
+    vae_up, vae_down = through_vae(up), through_vae(down)
     report["size"] = {f"sharpness_original_{SMALL_ORIGINAL}": _mean(map(edge_sharpness, small)),
                       "sharpness_original_64": _mean(map(edge_sharpness, plain)),
                       "sharpness_original_128": _mean(map(edge_sharpness, large)),
+                      f"softer_share_{SMALL_ORIGINAL}_vs_128": softer_share(small, large),
+                      f"sharpness_original_{SMALL_ORIGINAL}_negative_128": _mean(map(edge_sharpness, small_neg)),
+                      f"sharpness_original_128_negative_{SMALL_ORIGINAL}": _mean(map(edge_sharpness, large_neg)),
+                      f"softer_share_{SMALL_ORIGINAL}_vs_128_with_negatives": softer_share(small_neg, large_neg),
                       f"truth_sharpness_{SMALL_ORIGINAL}_upscaled": _mean(map(edge_sharpness, up)),
                       "truth_sharpness_128_downscaled": _mean(map(edge_sharpness, down)),
+                      f"truth_softer_share_{SMALL_ORIGINAL}_vs_128": softer_share(up, down),
                       # the VAE's round trip flattens sharpness: these are the figures a model can reach
-                      f"truth_through_vae_sharpness_{SMALL_ORIGINAL}_upscaled": _mean(map(edge_sharpness, through_vae(up))),
-                      "truth_through_vae_sharpness_128_downscaled": _mean(map(edge_sharpness, through_vae(down)))}
+                      f"truth_through_vae_sharpness_{SMALL_ORIGINAL}_upscaled": _mean(map(edge_sharpness, vae_up)),
+                      "truth_through_vae_sharpness_128_downscaled": _mean(map(edge_sharpness, vae_down)),
+                      f"truth_through_vae_softer_share_{SMALL_ORIGINAL}_vs_128": softer_share(vae_up, vae_down)}
     # 3. aspect buckets (height, width), against the square pictures and the SD-type model
     report["buckets"] = {}
     for (h, w), pics in (((64, 64), plain), ((48, 80), pictures(base, 48, 80)), ((80, 48), pictures(base, 80, 48))):
